@@ -1,0 +1,33 @@
+"""Configuration: the default ``tollgate.yaml``, the published input schemas and the settings loader."""
+
+from config.settings import (
+    DEFAULT_CONFIG_PATH,
+    SCHEMA_DIR,
+    AuthSettings,
+    LedgerSettings,
+    ModelSettings,
+    PoolSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    SettingsError,
+    TokenizerSettings,
+    UpstreamSettings,
+    load_settings,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "SCHEMA_DIR",
+    "AuthSettings",
+    "LedgerSettings",
+    "ModelSettings",
+    "PoolSettings",
+    "RedisSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "TokenizerSettings",
+    "UpstreamSettings",
+    "load_settings",
+]

@@ -1,0 +1,237 @@
+"""Tollgate's settings: one frozen tree, built once from a YAML file plus ``TOLLGATE_*`` environment overrides.
+
+Usage::
+
+    settings = load_settings()                                   # config/tollgate.yaml + os.environ
+    settings = load_settings("prod.yaml", {"TOLLGATE_REDIS__URL": "redis://redis:6379/0"})
+
+Environment overrides name the key path in upper case with ``__`` between levels
+(``TOLLGATE_SERVER__PORT=9000``, ``TOLLGATE_POOLS__BF16__WORKERS=http://a:8000,http://b:8000``). Lists are
+comma-separated. A bad or unknown key fails at start-up with a :class:`SettingsError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+DEFAULT_CONFIG_PATH: Final = Path(__file__).with_name("tollgate.yaml")
+SCHEMA_DIR: Final = Path(__file__).with_name("schemas")
+ENV_PREFIX: Final = "TOLLGATE_"
+_frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message names the offending key path."""
+
+
+@_frozen
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 1_048_576
+    access_log: bool = True
+
+
+@_frozen
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    socket_timeout_seconds: float = 2.0
+    connect_timeout_seconds: float = 2.0
+    retries: int = 2
+    max_connections: int = 256
+
+
+@_frozen
+class AuthSettings:
+    cache_ttl_seconds: float = 1.0
+
+
+@_frozen
+class TokenizerSettings:
+    path: str = ""
+
+
+@_frozen
+class UpstreamSettings:
+    connect_timeout_seconds: float = 2.0
+    read_timeout_seconds: float = 60.0
+    max_connections: int = 1024
+    max_keepalive_connections: int = 256
+    max_response_bytes: int = 8_388_608
+
+
+@_frozen
+class LedgerSettings:
+    seen_ttl_seconds: int = 3_024_000
+    events_max_length: int = 1_000_000
+
+
+@_frozen
+class PoolSettings:
+    workers: tuple[str, ...]
+
+
+@_frozen
+class ModelSettings:
+    pool: str
+    served_name: str
+    input_schema: str
+    context_window_tokens: int
+    default_max_tokens: int = 256
+    prompt_nano_usd_per_token: int
+    completion_nano_usd_per_token: int
+
+    @property
+    def input_schema_path(self) -> Path:
+        path = Path(self.input_schema)
+        return path if path.is_absolute() else SCHEMA_DIR / path
+
+
+@_frozen
+class Settings:
+    """The whole configuration. Built by :func:`load_settings`; never mutated."""
+
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    auth: AuthSettings = AuthSettings()
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    pools: Mapping[str, PoolSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    models: Mapping[str, ModelSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (default: ``TOLLGATE_CONFIG`` or ``config/tollgate.yaml``), overlay ``TOLLGATE_*`` variables
+    from ``environ`` (default: ``os.environ``), and build a validated, frozen :class:`Settings`.
+    """
+    environ = os.environ if environ is None else environ
+    config_path = Path(path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read config file {config_path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{config_path}: the top level must be a mapping")
+    _overlay_environment(raw, environ)
+    settings = _build(Settings, raw, "")
+    _check(settings)
+    return settings
+
+
+def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value  # a string: cast by the field's type in _convert
+
+
+def _build(cls: type[Any], data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SettingsError(f"{_join(path, unknown[0])}: unknown key")
+    values = {}
+    for field in dataclasses.fields(cls):
+        key = _join(path, field.name)
+        if field.name in data:
+            values[field.name] = _convert(hints[field.name], data[field.name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise SettingsError(f"{key}: missing required key")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, key)
+    if origin is Mapping:
+        _, item_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key}: expected a mapping")
+        return types.MappingProxyType({str(k): _convert(item_hint, v, _join(key, str(k))) for k, v in value.items()})
+    if origin is tuple:
+        items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise SettingsError(f"{key}: expected a list")
+        return tuple(_convert(str, item, f"{key}[{index}]") for index, item in enumerate(items))
+    if hint is bool:
+        return _to_bool(value, key)
+    if hint in (int, float):
+        return _to_number(hint, value, key)
+    if hint is str:
+        if isinstance(value, bool | dict | list) or value is None:
+            raise SettingsError(f"{key}: expected a string")
+        return str(value)
+    raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover - a programming error
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise SettingsError(f"{key}: expected true or false, got {value!r}")
+
+
+def _to_number(hint: type[int] | type[float], value: Any, key: str) -> int | float:
+    if isinstance(value, bool) or (hint is int and isinstance(value, float)):
+        raise SettingsError(f"{key}: expected {hint.__name__}, got {value!r}")
+    try:
+        number = hint(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+    if number < 0 or number != number:  # negative or NaN
+        raise SettingsError(f"{key}: must be a non-negative number, got {value!r}")
+    return number
+
+
+def _check(settings: Settings) -> None:
+    positive = {
+        "server.port": settings.server.port,
+        "server.workers": settings.server.workers,
+        "server.max_body_bytes": settings.server.max_body_bytes,
+        "upstream.read_timeout_seconds": settings.upstream.read_timeout_seconds,
+        "upstream.max_connections": settings.upstream.max_connections,
+        "redis.max_connections": settings.redis.max_connections,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise SettingsError(f"{key}: must be greater than 0")
+    if not settings.models:
+        raise SettingsError("models: at least one model must be configured")
+    for name, pool in settings.pools.items():
+        for index, url in enumerate(pool.workers):
+            if not url.startswith(("http://", "https://")):
+                raise SettingsError(f"pools.{name}.workers[{index}]: expected an http(s) URL, got {url!r}")
+    for name, model in settings.models.items():
+        key = f"models.{name}"
+        if model.pool not in settings.pools:
+            raise SettingsError(f"{key}.pool: no pool named {model.pool!r} under pools")
+        if not model.input_schema_path.is_file():
+            raise SettingsError(f"{key}.input_schema: no such file {model.input_schema_path}")
+        if not 0 < model.default_max_tokens < model.context_window_tokens:
+            raise SettingsError(f"{key}.default_max_tokens: must be between 1 and context_window_tokens - 1")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,85 @@
+"""The ASGI application: routes, middleware order, exception handlers and lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from config import Settings, load_settings
+from gateway.deps import Dependencies, build_dependencies
+from gateway.endpoints import health, run_model
+from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, render_error
+from gateway.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlette:
+    """Build the gateway.
+
+    Usage::
+
+        app = create_app(load_settings())             # production: builds its own dependencies
+        app = create_app(settings, deps=test_deps)    # tests: bring a Redis, a tokenizer, fake workers
+
+    The lifespan only closes what was built here; nothing is created only in it, so the app also runs under
+    transports that skip the lifespan (httpx's ``ASGITransport``).
+    """
+    deps = deps or build_dependencies(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await deps.aclose()
+
+    routes = []
+    for prefix in ("/client/v4", ""):  # the SDK appends /accounts/... to whatever base_url it is given
+        routes.append(Route(prefix + "/accounts/{account_id}/ai/run/{model:path}", run_model, methods=["POST"]))
+    routes.append(Route("/healthz", health, methods=["GET"]))
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(BodySizeLimitMiddleware, max_body_bytes=settings.server.max_body_bytes),
+        ],
+        exception_handlers={
+            TollgateError: _handle_tollgate_error,
+            HTTPException: _handle_http_exception,
+            Exception: _handle_unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.deps = deps
+    return app
+
+
+def create_app_from_environment() -> Starlette:
+    """The factory ``tollgate serve`` hands uvicorn: settings from ``TOLLGATE_CONFIG`` and ``TOLLGATE_*``."""
+    return create_app(load_settings())
+
+
+async def _handle_tollgate_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TollgateError)
+    return render_error(exc)
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return render_error(MethodNotAllowedError())
+    return render_error(RouteNotFoundError(request.url.path))  # routing raises only 404 and 405
+
+
+async def _handle_unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return render_error(TollgateError())

@@ -1,0 +1,102 @@
+"""The gateway's dependencies: everything a request needs, built once from the settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+from billing import KeyStore, Ledger, Tokenizer
+from config import Settings
+from gateway.auth import Authenticator
+from gateway.route import WorkerPool
+from gateway.validate import InputSchema
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Dependencies:
+    """What ``create_app`` hands every request through ``app.state.deps``; closed by :meth:`aclose`."""
+
+    settings: Settings
+    http: httpx.AsyncClient
+    redis: Redis
+    keys: KeyStore
+    auth: Authenticator
+    ledger: Ledger
+    tokenizer: Tokenizer
+    schemas: Mapping[str, InputSchema]
+    pools: Mapping[str, WorkerPool]
+    clock: Callable[[], float] = time.time
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        await self.redis.aclose()
+
+
+def build_redis(settings: Settings) -> Redis:
+    """A Redis client with explicit timeouts and retry policy (redis-py's defaults differ between majors).
+
+    The pool blocks (up to the socket timeout) when all ``max_connections`` are busy: redis-py's default pool
+    raises ``MaxConnectionsError`` instead, which would fail requests under a burst.
+    """
+    config = settings.redis
+    pool = BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=config.max_connections,
+        timeout=config.socket_timeout_seconds,
+        socket_timeout=config.socket_timeout_seconds,
+        socket_connect_timeout=config.connect_timeout_seconds,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), config.retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The pooled client for worker calls. ``trust_env=False``: no proxy variables on the path to the workers."""
+    config = settings.upstream
+    timeout = httpx.Timeout(
+        connect=config.connect_timeout_seconds,
+        read=config.read_timeout_seconds,
+        write=config.read_timeout_seconds,
+        pool=config.connect_timeout_seconds,
+    )
+    limits = httpx.Limits(
+        max_connections=config.max_connections, max_keepalive_connections=config.max_keepalive_connections
+    )
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+def build_dependencies(
+    settings: Settings, *, tokenizer: Tokenizer | None = None, clock: Callable[[], float] = time.time
+) -> Dependencies:
+    """Build every dependency from ``settings``. Loads the tokenizer and schemas; opens no connection yet."""
+    redis = build_redis(settings)
+    keys = KeyStore(redis)
+    if tokenizer is None:
+        path = settings.tokenizer.path
+        tokenizer = Tokenizer.from_file(Path(path)) if path else Tokenizer.default()
+    return Dependencies(
+        settings=settings,
+        http=build_http_client(settings),
+        redis=redis,
+        keys=keys,
+        auth=Authenticator(keys, cache_ttl_seconds=settings.auth.cache_ttl_seconds, clock=clock),
+        ledger=Ledger(
+            redis,
+            seen_ttl_seconds=settings.ledger.seen_ttl_seconds,
+            events_max_length=settings.ledger.events_max_length,
+        ),
+        tokenizer=tokenizer,
+        schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
+        pools={name: WorkerPool(name, pool.workers) for name, pool in settings.pools.items()},
+        clock=clock,
+    )

@@ -1,0 +1,120 @@
+"""``tollgate dev``: the embedded default. A private redis-server, two simulated workers, the gateway and a demo
+key on this machine, stopped together on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+
+from billing import IssuedKey, KeyStore
+from config import load_settings
+from gateway._processes import (
+    ProcessStartError,
+    free_port,
+    is_port_free,
+    redis_server,
+    start_tollgate,
+    stop,
+    wait_for_http,
+)
+from gateway.deps import build_redis
+
+BF16_NAME = "meta-llama/Llama-3.1-8B-Instruct"
+FP8_NAME = "meta-llama/Llama-3.1-8B-Instruct-FP8"
+
+
+def run_dev(*, port: int, tenant: str) -> int:
+    if not is_port_free(port):
+        print(f"tollgate dev: port {port} is in use; pick another with --port", file=sys.stderr)
+        return 2
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        with redis_server() as redis_url:
+            workers = []
+            for _ in range(2):
+                sim_port = free_port()
+                sim = start_tollgate(
+                    [
+                        "worker-sim",
+                        "--port",
+                        str(sim_port),
+                        "--served-model-name",
+                        BF16_NAME,
+                        "--served-model-name",
+                        FP8_NAME,
+                    ]
+                )
+                children.append(sim)
+                workers.append(f"http://127.0.0.1:{sim_port}")
+                wait_for_http(workers[-1] + "/health", sim)
+            env = {
+                "TOLLGATE_REDIS__URL": redis_url,
+                "TOLLGATE_POOLS__BF16__WORKERS": ",".join(workers),
+                "TOLLGATE_POOLS__FP8__WORKERS": ",".join(workers),
+            }
+            gateway = start_tollgate(["serve", "--host", "127.0.0.1", "--port", str(port)], env)
+            children.append(gateway)
+            wait_for_http(f"http://127.0.0.1:{port}/healthz", gateway)
+            issued = asyncio.run(_create_demo_key(redis_url, tenant))
+            _print_banner(port, redis_url, workers, issued)
+            _wait_until_a_child_exits(children)
+    except ProcessStartError as exc:
+        print(f"tollgate dev: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntollgate dev: stopping", file=sys.stderr)
+    finally:
+        for child in reversed(children):
+            stop(child)
+    return 0
+
+
+async def _create_demo_key(redis_url: str, tenant: str) -> IssuedKey:
+    redis = build_redis(load_settings(environ={"TOLLGATE_REDIS__URL": redis_url}))
+    try:
+        return await KeyStore(redis).create(tenant, "demo")
+    finally:
+        await redis.aclose()
+
+
+def _wait_until_a_child_exits(children: list[subprocess.Popen[bytes]]) -> None:
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    with contextlib.suppress(StopIteration):
+        dead = next(child for child in children if child.poll() is not None)
+        print(f"tollgate dev: {' '.join(map(str, dead.args))} exited; stopping", file=sys.stderr)
+
+
+def _print_banner(port: int, redis_url: str, workers: list[str], issued: IssuedKey) -> None:
+    base = f"http://127.0.0.1:{port}"
+    account = issued.record.tenant
+    url = f"{base}/client/v4/accounts/{account}/ai/run/@cf/meta/llama-3.1-8b-instruct"
+    print(
+        f"""
+Tollgate is running (Ctrl-C stops everything).
+
+  gateway     {base}
+  redis       {redis_url}   (private, memory only)
+  workers     {", ".join(workers)}   (simulated vLLM)
+  account id  {account}
+  API key     {issued.secret_key}
+
+Try it:
+
+  curl -sS {url} \\
+    -H "Authorization: Bearer {issued.secret_key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"prompt": "Tell me about Tollgate", "max_tokens": 32}}'
+
+Streamed:
+
+  curl -sSN {url} \\
+    -H "Authorization: Bearer {issued.secret_key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"messages": [{{"role": "user", "content": "Hello"}}], "stream": true, "max_tokens": 32}}'
+""",
+        flush=True,
+    )

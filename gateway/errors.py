@@ -1,0 +1,123 @@
+"""Errors the gateway raises on purpose, and the one function that renders them.
+
+Each class carries its HTTP status and Workers AI error code as class attributes::
+
+    TollgateError                       500  5000  internal error
+    ├── InvalidRequestError             400  5006  body fails the model's input schema (names the field)
+    │   ├── MissingBodyError            400  3003  no body at all
+    │   └── UnknownModelError           400  5007  no such model
+    ├── PayloadTooLargeError            413  3006  body over server.max_body_bytes
+    ├── AuthenticationError             401 10000  missing, malformed, wrong or revoked key
+    ├── RouteNotFoundError              404  7003  no such route, or a key used on another account's path
+    ├── MethodNotAllowedError           405  7001  wrong HTTP method on a known route
+    ├── JsonModeError                   422  5022  JSON mode: the model's answer is not JSON
+    └── UpstreamError                   502  5502  a worker answered with an error or garbage
+        ├── UpstreamTimeoutError        504  5504  a worker went silent longer than the read timeout
+        └── UpstreamUnavailableError    503  5503  no worker of the pool could be reached
+
+The 55xx codes are Tollgate's own (Workers AI documents none for upstream failures); the rest follow the
+Workers AI contract (../shared/spec/workers-ai-api.md, section 6).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from starlette.responses import Response
+
+
+class TollgateError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[int] = 5000
+    default_message: ClassVar[str] = "Internal server error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+
+class InvalidRequestError(TollgateError):
+    status_code = 400
+    code = 5006
+    default_message = "AiError: Bad input"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"AiError: Bad input: {detail}")
+
+
+class MissingBodyError(TollgateError):
+    status_code = 400
+    code = 3003
+    default_message = "Request is missing headers or body: body"
+
+
+class UnknownModelError(TollgateError):
+    status_code = 400
+    code = 5007
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No such model `{model}` or task")
+
+
+class PayloadTooLargeError(TollgateError):
+    status_code = 413
+    code = 3006
+    default_message = "Request is too large"
+
+
+class AuthenticationError(TollgateError):
+    status_code = 401
+    code = 10000
+    default_message = "Authentication error"
+
+
+class RouteNotFoundError(TollgateError):
+    status_code = 404
+    code = 7003
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"Could not route to {path}, perhaps your object identifier is invalid?")
+
+
+class MethodNotAllowedError(TollgateError):
+    status_code = 405
+    code = 7001
+    default_message = "Method not allowed"
+
+
+class JsonModeError(TollgateError):
+    status_code = 422
+    code = 5022
+    default_message = "JSON Mode couldn't be met"
+
+
+class UpstreamError(TollgateError):
+    status_code = 502
+    code = 5502
+    default_message = "The inference worker failed to answer"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    code = 5504
+    default_message = "The inference worker timed out"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status_code = 503
+    code = 5503
+    default_message = "No inference worker is available for this model"
+
+
+def error_body(code: int, message: str) -> dict[str, object]:
+    """The Workers AI error envelope, also used for the final event of a failed stream."""
+    return {"result": None, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+
+
+def render_error(exc: TollgateError, headers: dict[str, str] | None = None) -> Response:
+    """Render ``exc`` as a Workers AI error response: the only code that knows the envelope's HTTP shape."""
+    body = json.dumps(error_body(exc.code, exc.message), ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status_code=exc.status_code, headers=headers, media_type="application/json")

@@ -1,0 +1,53 @@
+"""Step 6, meter: what of a worker's answer reached the client.
+
+The relay reports every usage figure the worker sends (:meth:`Meter.observe_usage`) and every piece of output it
+delivered (:meth:`Meter.delivered`). Only usage seen *up to the last delivered piece* counts, so a stream cut by the
+client or the worker is billed for what was delivered. :meth:`Meter.delivery` hands the facts to the billing policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing import Delivery, parse_reported_count
+
+
+class Meter:
+    """Collects the delivery facts of one request."""
+
+    __slots__ = ("_delivered_completion", "_delivered_prompt", "_pending", "_text", "answered", "max_tokens")
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.answered = False
+        self._text: list[str] = []
+        self._pending: tuple[int | None, int | None] = (None, None)
+        self._delivered_prompt: int | None = None
+        self._delivered_completion: int | None = None
+
+    def observe_usage(self, usage: Any) -> None:
+        """A usage object from the worker (cumulative); it counts once what it covers has been delivered."""
+        if isinstance(usage, dict):
+            prompt = parse_reported_count(usage.get("prompt_tokens"))
+            completion = parse_reported_count(usage.get("completion_tokens"))
+            self._pending = (prompt, completion)
+            if self._delivered_prompt is None:
+                self._delivered_prompt = prompt
+
+    def delivered(self, text: str = "") -> None:
+        """``text`` (possibly empty) has been sent to the client: everything observed so far is delivered."""
+        if text:
+            self._text.append(text)
+        prompt, completion = self._pending
+        if prompt is not None:
+            self._delivered_prompt = prompt
+        self._delivered_completion = completion
+
+    def delivery(self) -> Delivery:
+        return Delivery(
+            answered=self.answered,
+            max_tokens=self.max_tokens,
+            delivered_text="".join(self._text),
+            reported_prompt_tokens=self._delivered_prompt,
+            reported_completion_tokens=self._delivered_completion,
+        )

@@ -1,0 +1,374 @@
+"""Step 5, relay: send an admitted job to a worker and bring its answer back in Workers AI shape.
+
+:class:`Relay` is the ASGI app that owns one request from the worker call to the bill. It watches for the client
+going away the whole time (an ``http.disconnect`` cancels the work at once and closes the upstream connection, so
+the worker aborts the generation), retries another worker only before any byte was sent, and bills from one
+shielded ``finally`` whatever happened: success, worker failure, timeout, client disconnect or shutdown
+(RELIABILITY §4.1: never from a background task or from code after the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import httpx
+from httpx_sse import EventSource, SSEError
+from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
+
+from billing import (
+    ChatTemplateError,
+    Usage,
+    UsageRecord,
+    cost_nano_usd,
+    count_chat_prompt_tokens,
+    count_raw_prompt_tokens,
+    price_of,
+    settle_usage,
+)
+from gateway import _sse
+from gateway.errors import (
+    InvalidRequestError,
+    JsonModeError,
+    TollgateError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from gateway.meter import Meter
+from gateway.route import Worker
+from gateway.translate import to_vllm_request, upstream_messages, upstream_tools, workers_ai_tool_calls
+from gateway.validate import InferenceJob
+
+if TYPE_CHECKING:
+    from gateway.deps import Dependencies
+
+logger = logging.getLogger(__name__)
+
+# Most specific first: connect-level failures mean the worker never saw the request, so another may be tried.
+_UPSTREAM_ERRORS: Final = (
+    (httpx.ConnectTimeout, UpstreamUnavailableError),
+    (httpx.PoolTimeout, UpstreamUnavailableError),
+    (httpx.ConnectError, UpstreamUnavailableError),
+    (httpx.TimeoutException, UpstreamTimeoutError),
+    (httpx.TransportError, UpstreamError),
+    (SSEError, UpstreamError),
+)
+_STATUS_BY_ERROR: Final = (
+    (UpstreamTimeoutError, "upstream_timeout"),
+    (UpstreamUnavailableError, "upstream_unavailable"),
+    (UpstreamError, "upstream_error"),
+    (InvalidRequestError, "rejected_by_worker"),
+)
+_JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
+
+
+@contextlib.contextmanager
+def map_upstream_errors() -> Iterator[None]:
+    """Translate httpx's errors into the gateway's tree; the one place that knows httpx's exceptions."""
+    try:
+        yield
+    except (httpx.HTTPError, SSEError) as exc:
+        for source, target in _UPSTREAM_ERRORS:
+            if isinstance(exc, source):
+                raise target() from exc
+        raise UpstreamError() from exc
+
+
+class RetryableUpstreamError(UpstreamError):
+    """A worker refused the request before serving it (5xx, 404): another worker may be tried."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asked, and when: the request's identity for the ledger."""
+
+    request_id: str
+    tenant: str
+    key_id: str
+    started_at: float
+
+
+class Relay:
+    """Serves one admitted request as an ASGI app, from the worker call to the bill."""
+
+    def __init__(self, job: InferenceJob, caller: Caller, deps: Dependencies) -> None:
+        self.job = job
+        self.caller = caller
+        self.deps = deps
+        self.model = deps.settings.models[job.model]
+        self.meter = Meter(job.max_tokens)
+        self.status = "ok"
+        self.client_gone = False
+        self._complete = False
+        self._usage: Usage | None = None
+        self._worker: Worker | None = None
+        self._response: httpx.Response | None = None
+        self._exits = contextlib.ExitStack()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cancel = anyio.CancelScope()
+        watcher = asyncio.create_task(self._watch_disconnect(receive, cancel))
+        try:
+            with cancel:
+                await (self._stream(send) if self.job.stream else self._respond(send))
+        except TollgateError as exc:
+            self.status = _status_of(exc)
+            raise
+        except BaseException:
+            self.status = "internal_error"
+            raise
+        finally:
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._complete:
+            self.client_gone = True
+            self.status = "client_disconnected"
+            cancel.cancel()
+
+    # -- the worker call ------------------------------------------------------------------------------------
+
+    async def _open(self) -> httpx.Response:
+        """Send the job to the first worker that takes it; retries happen only here, before any byte is sent."""
+        path, body = to_vllm_request(self.job, self.model.served_name)
+        content = json.dumps(body, ensure_ascii=False).encode()
+        headers = {"content-type": "application/json", "x-request-id": self.caller.request_id}
+        error: UpstreamError = UpstreamUnavailableError()
+        for worker in self.deps.pools[self.model.pool].candidates():
+            request = self.deps.http.build_request("POST", worker.url + path, content=content, headers=headers)
+            with worker.track():
+                try:
+                    with map_upstream_errors():
+                        response = await self.deps.http.send(request, stream=True)
+                    if response.status_code == 200:
+                        self._hold(worker, response)
+                        return response
+                    await self._raise_for_worker_status(response)
+                except (UpstreamUnavailableError, RetryableUpstreamError) as exc:
+                    logger.warning("worker %s failed before serving %s: %r", worker.url, self.caller.request_id, exc)
+                    error = exc
+        raise error
+
+    def _hold(self, worker: Worker, response: httpx.Response) -> None:
+        self._exits.enter_context(worker.track())
+        self._worker, self._response = worker, response
+
+    async def _raise_for_worker_status(self, response: httpx.Response) -> None:
+        try:
+            with map_upstream_errors():
+                raw = await _read_capped(response, 65536)
+        finally:
+            await response.aclose()
+        detail = _worker_error_message(raw)
+        if response.status_code == 400:
+            raise InvalidRequestError(detail or "the worker refused the request")
+        raise RetryableUpstreamError(f"The inference worker answered HTTP {response.status_code}")
+
+    # -- non-streaming ----------------------------------------------------------------------------------------
+
+    async def _respond(self, send: Send) -> None:
+        response = await self._open()
+        with map_upstream_errors():
+            raw = await _read_capped(response, self.deps.settings.upstream.max_response_bytes)
+        data = _parse_json_object(raw)
+        choice = _first_choice(data)
+        message = choice.get("message") or {}
+        text = message.get("content") if "message" in choice else choice.get("text")
+        text = text if isinstance(text, str) else ""
+        tool_calls = workers_ai_tool_calls(message.get("tool_calls"))
+        self.meter.observe_usage(data.get("usage"))
+        answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
+        self.meter.delivered(text + _tool_calls_text(tool_calls))
+        self.meter.answered = True
+        result = {"response": answer, "tool_calls": tool_calls, "usage": self._settle().as_dict()}
+        payload = {"result": result, "success": True, "errors": [], "messages": []}
+        self._complete = True
+        await send({"type": "http.response.start", "status": 200, "headers": list(_JSON_HEADERS)})
+        await send({"type": "http.response.body", "body": json.dumps(payload, ensure_ascii=False).encode()})
+
+    # -- streaming ----------------------------------------------------------------------------------------------
+
+    async def _stream(self, send: Send) -> None:
+        response = await self._open()
+        await send({"type": "http.response.start", "status": 200, "headers": list(_sse.SSE_HEADERS)})
+        self.meter.answered = True
+        tool_calls = _ToolCallBuffer()
+        try:
+            with map_upstream_errors():
+                if not await self._pump(response, send, tool_calls):
+                    raise UpstreamError("The inference worker closed the stream before it was complete")
+        except UpstreamError as exc:
+            self.status = _status_of(exc)
+            logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
+            self._complete = True
+            await send(_more(_sse.error_frame(exc.code, exc.message)))
+            await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+            return
+        if tool_calls:
+            calls = tool_calls.as_workers_ai()
+            await send(_more(_sse.frame({"response": "", "tool_calls": calls})))
+            self.meter.delivered(_tool_calls_text(calls))
+        else:
+            self.meter.delivered()  # the final usage report covers only what was delivered
+        usage_frame = _sse.frame({"response": "", "usage": self._settle().as_dict()})
+        self._complete = True
+        await send(_more(usage_frame))
+        await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+
+    async def _pump(self, response: httpx.Response, send: Send, tool_calls: _ToolCallBuffer) -> bool:
+        """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""
+        rng = random.Random()
+        with_tool_calls = self.job.form == "messages"
+        async for event in EventSource(response).aiter_sse():
+            if event.data == "[DONE]":
+                return True
+            chunk = _parse_json_object(event.data.encode())
+            if "error" in chunk:
+                raise UpstreamError(f"The inference worker failed: {_worker_error_text(chunk)}")
+            self.meter.observe_usage(chunk.get("usage"))
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                text = delta.get("content") if "delta" in choice else choice.get("text")
+                tool_calls.add(delta.get("tool_calls"))
+                if isinstance(text, str) and text:
+                    await send(_more(_sse.content_frame(text, with_tool_calls=with_tool_calls, rng=rng)))
+                    self.meter.delivered(text)
+        return False
+
+    # -- settle and bill ------------------------------------------------------------------------------------
+
+    def _settle(self) -> Usage:
+        if self._usage is None:
+            self._usage = settle_usage(self.meter.delivery(), self._count_prompt, self.deps.tokenizer.count)
+        return self._usage
+
+    def _count_prompt(self) -> int:
+        """The gateway's own prompt count, used only when the worker reported none."""
+        if self.job.raw:
+            return count_raw_prompt_tokens(self.deps.tokenizer, self.job.prompt or "")
+        try:
+            tools = upstream_tools(self.job) or None
+            return count_chat_prompt_tokens(self.deps.tokenizer, upstream_messages(self.job), tools)
+        except ChatTemplateError:
+            logger.warning("cannot render the prompt of %s to count it", self.caller.request_id)
+            return 0
+
+    async def _finish(self) -> None:
+        self._complete = True
+        if self._response is not None:
+            await self._response.aclose()  # mid-stream this drops the connection: the worker aborts
+        self._exits.close()
+        usage = self._settle()
+        record = UsageRecord(
+            request_id=self.caller.request_id,
+            tenant=self.caller.tenant,
+            key_id=self.caller.key_id,
+            model=self.job.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_nano_usd=cost_nano_usd(price_of(self.model), usage.prompt_tokens, usage.completion_tokens),
+            status=self.status,
+            started_at=self.caller.started_at,
+            duration_seconds=max(0.0, self.deps.clock() - self.caller.started_at),
+        )
+        try:
+            await self.deps.ledger.record(record)
+        except (RedisError, OSError):
+            logger.exception("ledger write failed; usage record not stored: %r", record)
+
+
+class _ToolCallBuffer:
+    """Joins streamed OpenAI tool-call fragments by index until the stream ends."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, fragments: Any) -> None:
+        for fragment in fragments or ():
+            call = self._calls.setdefault(int(fragment.get("index", 0)), {"name": "", "arguments": ""})
+            function = fragment.get("function") or {}
+            call["name"] += function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def as_workers_ai(self) -> list[dict[str, Any]]:
+        ordered = [self._calls[index] for index in sorted(self._calls)]
+        return workers_ai_tool_calls([{"function": call} for call in ordered])
+
+
+def _more(body: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise UpstreamError(f"The inference worker's answer exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamError("The inference worker sent a malformed answer")
+    return data
+
+
+def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamError("The inference worker sent an answer without choices")
+    return choices[0]
+
+
+def _parse_json_mode(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise JsonModeError() from None
+
+
+def _tool_calls_text(calls: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps({"name": call["name"], "parameters": call["arguments"]}) for call in calls)
+
+
+def _worker_error_text(data: dict[str, Any]) -> str:
+    error = data.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message)[:300] if message else "unknown error"
+
+
+def _worker_error_message(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return ""
+    return _worker_error_text(data) if isinstance(data, dict) else ""
+
+
+def _status_of(exc: TollgateError) -> str:
+    for cls, status in _STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return "error"

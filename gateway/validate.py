@@ -1,0 +1,169 @@
+"""Step 2, validate: a request body → an :class:`InferenceJob`, or a 400 that names the offending field.
+
+Bodies are checked against the model's published Workers AI input schema (config/schemas/) with a JSON Schema
+validator, then against the rules the schema leaves to the gateway (../shared/spec/workers-ai-api.md §3):
+``max_tokens`` ≥ 1, no ``functions``, no ``raw`` in the messages form, no JSON mode with streaming, known roles,
+finite numbers. Defaults (``max_tokens``, ``temperature``) are applied here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from gateway.errors import InvalidRequestError, MissingBodyError
+
+DEFAULT_TEMPERATURE: Final = 0.6
+MAX_MESSAGES: Final = 2048
+MAX_TOOLS: Final = 128
+ROLES: Final = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InferenceJob:
+    """A validated request, with defaults applied. Built only by :func:`validate`."""
+
+    model: str
+    form: Literal["prompt", "messages"]
+    stream: bool
+    max_tokens: int
+    temperature: float
+    raw: bool = False
+    prompt: str | None = None  # the prompt form's text
+    messages: tuple[Mapping[str, Any], ...] = ()  # the messages form (the prompt form keeps this empty)
+    tools: tuple[Mapping[str, Any], ...] = ()  # as the client sent them (flat or OpenAI shape)
+    response_format: Mapping[str, Any] | None = None
+    lora: str | None = None
+    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # top_p, top_k, seed, penalties
+    reject_if_busy: bool = False
+
+    @property
+    def is_json_mode(self) -> bool:
+        return self.response_format is not None
+
+
+_SAMPLING_FIELDS: Final = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+class InputSchema:
+    """The compiled input schema of one model: one validator per input form."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        forms = {form.get("title", "").lower(): form for form in schema["oneOf"]}
+        self._forms = {name: cls({**form, "type": "object"}) for name, form in forms.items()}
+
+    @classmethod
+    def from_file(cls, path: Path) -> InputSchema:
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    def check(self, body: Mapping[str, Any], form: str) -> None:
+        error = best_match(self._forms[form].iter_errors(body))
+        if error is not None:
+            raise InvalidRequestError(_describe(error))
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON object body. Non-finite numbers, huge integers and deep nesting are a 400, never a 500."""
+    if not raw.strip():
+        raise MissingBodyError()
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int too long, NaN, nesting
+        raise InvalidRequestError(f"the body is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    return body
+
+
+def validate(body: Mapping[str, Any], model: str, schema: InputSchema, default_max_tokens: int) -> InferenceJob:
+    """Check ``body`` against ``schema`` and the gateway's own rules; return the job with defaults applied."""
+    form = _form_of(body)
+    schema.check(body, form)
+    _check_gateway_rules(body, form)
+    options = body.get("options")
+    return InferenceJob(
+        model=model,
+        form=form,
+        stream=bool(body.get("stream", False)),
+        max_tokens=body.get("max_tokens", default_max_tokens),
+        temperature=body.get("temperature", DEFAULT_TEMPERATURE),
+        raw=bool(body.get("raw", False)),
+        prompt=body.get("prompt"),
+        messages=tuple(body.get("messages", ())),
+        tools=tuple(body.get("tools", ())),
+        response_format=body.get("response_format"),
+        lora=body.get("lora"),
+        sampling={name: body[name] for name in _SAMPLING_FIELDS if name in body},
+        reject_if_busy=bool(isinstance(options, dict) and options.get("rejectIfBusy") is True),
+    )
+
+
+def _form_of(body: Mapping[str, Any]) -> Literal["prompt", "messages"]:
+    if "prompt" in body and "messages" in body:
+        raise InvalidRequestError("'prompt' and 'messages' are mutually exclusive at '/'")
+    if "messages" in body:
+        return "messages"
+    if "prompt" in body:
+        return "prompt"
+    raise InvalidRequestError("required properties at '/' are 'prompt' or 'messages'")
+
+
+def _check_gateway_rules(body: Mapping[str, Any], form: str) -> None:
+    if "max_tokens" in body and body["max_tokens"] < 1:
+        raise InvalidRequestError(f"'/max_tokens' must be at least 1, got {body['max_tokens']}")
+    for name in ("temperature", *_SAMPLING_FIELDS):
+        value = body.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"'/{name}' must be a finite number")
+    if "functions" in body:
+        raise InvalidRequestError("'/functions' is not supported; describe tools with '/tools'")
+    if form == "messages" and body.get("raw"):
+        raise InvalidRequestError("'/raw' is only allowed with 'prompt', not with 'messages'")
+    if body.get("response_format") is not None and body.get("stream"):
+        raise InvalidRequestError("'/response_format' (JSON mode) does not support streaming ('/stream': true)")
+    _check_response_format(body.get("response_format"))
+    if "options" in body and not isinstance(body["options"], dict):
+        raise InvalidRequestError("'/options' must be an object")
+    messages = body.get("messages", [])
+    if form == "messages" and not messages:
+        raise InvalidRequestError("'/messages' must contain at least one message")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(f"'/messages' has more than {MAX_MESSAGES} items")
+    for index, message in enumerate(messages):
+        if message["role"] not in ROLES:
+            raise InvalidRequestError(f"'/messages/{index}/role' must be one of {', '.join(sorted(ROLES))}")
+    if len(body.get("tools", ())) > MAX_TOOLS:
+        raise InvalidRequestError(f"'/tools' has more than {MAX_TOOLS} items")
+
+
+def _check_response_format(response_format: Any) -> None:
+    if response_format is None:
+        return
+    kind = response_format.get("type")
+    if kind is None:
+        raise InvalidRequestError("required property '/response_format/type' is missing")
+    if kind == "json_schema" and not isinstance(response_format.get("json_schema"), dict):
+        raise InvalidRequestError("'/response_format/json_schema' must be an object (the JSON Schema)")
+
+
+def _describe(error: ValidationError) -> str:
+    pointer = "/" + "/".join(str(part) for part in error.absolute_path)
+    return f"'{pointer}': {_first_line(error.message)}"
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")

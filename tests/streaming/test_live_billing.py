@@ -1,0 +1,135 @@
+"""Real uvicorn servers on free ports: concurrent streams, client disconnects and the bill, request by request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from billing import Tokenizer, hour_bucket
+from tests.conftest import TENANT, Gateway, gateway_for, sim_worker, wait_for
+
+pytestmark = pytest.mark.server
+
+
+async def ledger_by_request(gateway: Gateway) -> dict[str, dict[str, str]]:
+    events = await gateway.deps.ledger.events(TENANT, count=10_000)
+    by_id = {event["request_id"]: event for event in events}
+    assert len(by_id) == len(events), "a request id was billed twice"
+    return by_id
+
+
+async def stream_all(client: httpx.AsyncClient, gateway: Gateway, body: dict[str, object]) -> tuple[str, list[str]]:
+    async with client.stream("POST", gateway.run_path(), json=body, headers=gateway.auth) as response:
+        assert response.status_code == 200
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        return response.headers["x-request-id"], lines
+
+
+async def test_stream_50_concurrent_ledger_equals_what_the_worker_served(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with (
+        sim_worker(tokenizer, tokens_per_second=400, time_to_first_token_seconds=0.01) as worker,
+        gateway_for(redis_url, tokenizer, [worker.url], live=True) as gateway,
+    ):
+        bodies = [
+            {
+                "messages": [{"role": "user", "content": f"Question number {i}: " + "why? " * i}],
+                "stream": True,
+                "max_tokens": 8 + i,
+            }
+            for i in range(50)
+        ]
+        results = await asyncio.gather(*(stream_all(gateway.client, gateway, body) for body in bodies))
+        ledger = await ledger_by_request(gateway)
+        assert len(ledger) == 50
+        totals = {"prompt": 0, "completion": 0, "cost": 0}
+        for request_id, lines in results:
+            served = worker.record_for(request_id)
+            billed = ledger[request_id]
+            assert lines[-1] == "data: [DONE]"
+            usage = json.loads(lines[-2][len("data: ") :])["usage"]
+            assert int(billed["prompt_tokens"]) == served["prompt_tokens"] == usage["prompt_tokens"]
+            assert int(billed["completion_tokens"]) == served["completion_tokens"] == usage["completion_tokens"]
+            assert int(billed["cost_nano_usd"]) == 280 * served["prompt_tokens"] + 830 * served["completion_tokens"]
+            totals["prompt"] += served["prompt_tokens"]
+            totals["completion"] += served["completion_tokens"]
+            totals["cost"] += int(billed["cost_nano_usd"])
+        hour = next(iter(ledger.values()))
+        bucket = await gateway.deps.ledger.bucket_totals(TENANT, hour["model"], hour_bucket(float(hour["started_at"])))
+        assert bucket == {
+            "requests": 50,
+            "prompt_tokens": totals["prompt"],
+            "completion_tokens": totals["completion"],
+            "cost_nano_usd": totals["cost"],
+            "errors": 0,
+        }
+
+
+async def test_stream_client_disconnect_bills_exactly_what_was_generated_before_it(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    rng = random.Random(7)
+    async with (
+        sim_worker(tokenizer, tokens_per_second=40, time_to_first_token_seconds=0.01, completion_tokens=200) as worker,
+        gateway_for(redis_url, tokenizer, [worker.url], live=True) as gateway,
+    ):
+        received: dict[str, int] = {}
+
+        async def read_then_leave(stop_after: int) -> None:
+            async with httpx.AsyncClient(base_url=str(gateway.client.base_url), trust_env=False) as client:
+                body = {"prompt": "Tell me everything", "stream": True, "max_tokens": 150}
+                async with client.stream("POST", gateway.run_path(), json=body, headers=gateway.auth) as response:
+                    request_id = response.headers["x-request-id"]
+                    count = 0
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            count += 1
+                            if count == stop_after:
+                                break
+                    received[request_id] = stop_after
+            # leaving the `async with` closes the connection mid-stream
+
+        await asyncio.gather(*(read_then_leave(rng.randint(1, 20)) for _ in range(12)))
+        await wait_for(lambda: len(worker.served) == 12 and all(r["client_disconnected"] for r in worker.served))
+        for _ in range(100):
+            ledger = await ledger_by_request(gateway)
+            if len(ledger) == 12:
+                break
+            await asyncio.sleep(0.05)
+        for request_id, events_read in received.items():
+            served = worker.record_for(request_id)
+            billed = ledger[request_id]
+            assert served["client_disconnected"] is True, "the worker did not see its connection close"
+            assert billed["status"] == "client_disconnected"
+            assert int(billed["completion_tokens"]) == served["completion_tokens"]
+            assert int(billed["prompt_tokens"]) == served["prompt_tokens"]
+            # Every token is its own event here. The client stopped reading after `events_read` of them; at most
+            # one more can have been on the wire when it hung up (it was sent, so it is billed).
+            assert events_read <= served["completion_tokens"] <= events_read + 1
+
+
+async def test_non_stream_client_disconnect_closes_the_worker_call_and_costs_nothing(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with (
+        sim_worker(tokenizer, tokens_per_second=20, completion_tokens=100) as worker,
+        gateway_for(redis_url, tokenizer, [worker.url], live=True) as gateway,
+    ):
+        with pytest.raises(httpx.ReadTimeout):
+            async with httpx.AsyncClient(base_url=str(gateway.client.base_url), trust_env=False) as client:
+                await client.post(gateway.run_path(), json={"prompt": "hi"}, headers=gateway.auth, timeout=0.5)
+        await wait_for(lambda: len(worker.served) == 1 and worker.served[0]["client_disconnected"])
+        for _ in range(100):
+            ledger = await ledger_by_request(gateway)
+            if ledger:
+                break
+            await asyncio.sleep(0.05)
+        [billed] = ledger.values()
+        assert billed["status"] == "client_disconnected"
+        assert (billed["prompt_tokens"], billed["completion_tokens"], billed["cost_nano_usd"]) == ("0", "0", "0")

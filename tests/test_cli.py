@@ -1,0 +1,93 @@
+"""The ``tollgate`` command as a user runs it: ``dev`` end to end, ``keys``, and start-up config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from billing import KeyStore
+from gateway._processes import free_port, is_port_free
+
+pytestmark = pytest.mark.server
+TOLLGATE = [sys.executable, "-m", "gateway.cli"]
+
+
+def read_until(proc: subprocess.Popen[str], pattern: str, timeout_seconds: float = 60) -> re.Match[str]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_seconds
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"{pattern!r} not printed; output was:\n{''.join(seen)}")
+
+
+def test_cli_dev_serves_a_demo_key_and_stops_everything_on_ctrl_c() -> None:
+    port = free_port()
+    proc = subprocess.Popen([*TOLLGATE, "dev", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = read_until(proc, r"workers\s+(\S+), (\S+)")
+        key = read_until(proc, r"API key\s+(tg_\S+)").group(1)
+        curl = read_until(proc, r"curl -sS (\S+)").group(1)
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+        response = httpx.post(curl, json=body, headers={"Authorization": f"Bearer {key}"}, trust_env=False, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["result"]["usage"]["prompt_tokens"] == 36
+        worker_ports = [int(url.rsplit(":", 1)[1].rstrip(",")) for url in workers.groups()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    for p in [port, *worker_ports]:
+        assert is_port_free(p), f"port {p} still in use after Ctrl-C"
+
+
+async def test_cli_keys_create_prints_a_working_key_once(redis: Redis, redis_url: str) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*TOLLGATE, "keys", "create", "--tenant", "acct-cli", "--name", "ci", "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = re.search(r"key:\s+(tg_\S+)", result.stdout)
+    assert key is not None
+    record = await KeyStore(redis).find(key.group(1))
+    assert record is not None and record.tenant == "acct-cli" and record.name == "ci"
+    revoke = await asyncio.to_thread(
+        subprocess.run,
+        [*TOLLGATE, "keys", "revoke", record.key_id, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+    )
+    assert revoke.returncode == 0
+    assert await KeyStore(redis).find(key.group(1)) is None
+
+
+def test_cli_keys_create_refuses_a_bad_tenant(redis_url: str) -> None:
+    result = subprocess.run(
+        [*TOLLGATE, "keys", "create", "--tenant", "bad{tenant}", "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "invalid tenant id" in result.stderr
+
+
+def test_cli_serve_with_a_bad_setting_fails_naming_the_key() -> None:
+    env = {**os.environ, "TOLLGATE_SERVER__PORT": "eighty"}
+    result = subprocess.run([*TOLLGATE, "serve"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: server.port: expected int" in result.stderr
