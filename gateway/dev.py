@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import time
+from types import FrameType
 
 from billing import IssuedKey, KeyStore
 from config import load_settings
@@ -31,6 +33,8 @@ def run_dev(*, port: int, tenant: str) -> int:
         print(f"tollgate dev: port {port} is in use; pick another with --port", file=sys.stderr)
         return 2
     children: list[subprocess.Popen[bytes]] = []
+    # `kill` (SIGTERM) must clean up like Ctrl-C: the children run in their own sessions and would be orphaned.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with redis_server() as redis_url:
             workers = []
@@ -70,6 +74,10 @@ def run_dev(*, port: int, tenant: str) -> int:
         for child in reversed(children):
             stop(child)
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 async def _create_demo_key(redis_url: str, tenant: str) -> IssuedKey:

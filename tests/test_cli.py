@@ -36,7 +36,8 @@ def read_until(proc: subprocess.Popen[str], pattern: str, timeout_seconds: float
     raise AssertionError(f"{pattern!r} not printed; output was:\n{''.join(seen)}")
 
 
-def test_cli_dev_serves_a_demo_key_and_stops_everything_on_ctrl_c() -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_cli_dev_serves_a_demo_key_and_stops_everything_it_started(stop_signal: signal.Signals) -> None:
     port = free_port()
     proc = subprocess.Popen([*TOLLGATE, "dev", "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
@@ -49,10 +50,10 @@ def test_cli_dev_serves_a_demo_key_and_stops_everything_on_ctrl_c() -> None:
         assert response.json()["result"]["usage"]["prompt_tokens"] == 36
         worker_ports = [int(url.rsplit(":", 1)[1].rstrip(",")) for url in workers.groups()]
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=30) == 0
     for p in [port, *worker_ports]:
-        assert is_port_free(p), f"port {p} still in use after Ctrl-C"
+        assert is_port_free(p), f"port {p} still in use after {stop_signal.name}"
 
 
 async def test_cli_keys_create_prints_a_working_key_once(redis: Redis, redis_url: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -120,6 +120,8 @@ class _GenerationEndpoint:
         exchange = Exchange(scope, send, ClientWatch(receive), tally)
         try:
             await self._handle(request, exchange, header_id or uuid.uuid4().hex)
+        except ClientDisconnect:  # gone while sending the body
+            tally.commit(client_disconnected=True)
         except RequestError as exc:
             tally.finish_reason = "error"
             tally.prompt_tokens = exc.prompt_tokens if exc.prompt_tokens is not None else tally.prompt_tokens

@@ -427,17 +427,15 @@ async def test_sim_in_band_error_after_tokens_sends_error_frame_then_done(tokeni
         events = await stream_chat(client, chat(stream=True), "i1")
         whole = await client.post("/v1/chat/completions", json=chat(), headers={"x-request-id": "i2"})
         streamed, record_whole = await served_record(app, "i1"), await served_record(app, "i2")
-    assert [event["choices"][0]["delta"] for event in events[1:3]] == [{"content": e} for e in _contents(events[1:3])]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [list(event["choices"][0]["delta"]) for event in events[1:3]] == [["content"], ["content"]]
+    assert [event["choices"][0]["finish_reason"] for event in events[:3]] == [None, None, None]
     assert events[3]["error"]["type"] == "InternalServerError"
     assert events[3]["error"]["code"] == 500
     assert events[4:] == ["[DONE]"]
     assert (streamed["finish_reason"], streamed["completion_tokens"], streamed["status"]) == ("error", 2, 200)
     assert whole.status_code == 500
     assert (record_whole["finish_reason"], record_whole["status"]) == ("error", 500)
-
-
-def _contents(events: list[Any]) -> list[str]:
-    return [event["choices"][0]["delta"]["content"] for event in events]
 
 
 async def test_sim_stall_keeps_connection_open_until_client_leaves(tokenizer):
@@ -473,6 +471,15 @@ async def test_sim_client_disconnect_mid_stream_records_tokens_sent(tokenizer):
     assert record["client_disconnected"] is True
     assert record["finish_reason"] == "abort"
     assert record["completion_tokens"] == seen == 5
+
+
+async def test_sim_client_disconnect_while_waiting_for_whole_answer_records_abort(tokenizer):
+    async with live_sim(tokenizer, tokens_per_second=20, completion_tokens=100) as (client, app):
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/v1/chat/completions", json=chat(), headers={"x-request-id": "w1"}, timeout=0.2)
+        record = await served_record(app, "w1")
+    assert (record["finish_reason"], record["completion_tokens"], record["status"]) == ("abort", 0, 0)
+    assert record["client_disconnected"] is True
 
 
 async def test_sim_slow_start_delays_the_response_headers(tokenizer):
