@@ -73,16 +73,13 @@ class KeyStore:
         """Create a key for ``tenant``; the returned secret is never stored."""
         if not TENANT_PATTERN.fullmatch(tenant):
             raise InvalidTenantError(f"invalid tenant id {tenant!r}: use 1-64 letters, digits, '-' or '_'")
-        key_id = "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(12))
-        secret_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        while True:  # 60 random bits name a key: a clash is unlikely, but must never overwrite another key
+            key_id = "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(12))
+            secret_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+            if await self._redis.hsetnx(_record_key(key_id), "sha256", hash_key(secret_key)):
+                break
         record = ApiKey(key_id=key_id, tenant=tenant, name=name, created_at=time.time(), revoked=False)
-        fields = {
-            "tenant": tenant,
-            "name": name,
-            "sha256": hash_key(secret_key),
-            "created_at": f"{record.created_at:.3f}",
-            "revoked": "0",
-        }
+        fields = {"tenant": tenant, "name": name, "created_at": f"{record.created_at:.3f}", "revoked": "0"}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(_record_key(key_id), mapping=fields)
             pipe.sadd(tenant_key(tenant, "keys"), key_id)
@@ -99,7 +96,7 @@ class KeyStore:
             return None
         record = _decode(key_id, fields)
         stored_hash = fields.get(b"sha256", b"").decode()
-        if not hmac.compare_digest(stored_hash, hash_key(secret_key)) or record.revoked:
+        if not hmac.compare_digest(stored_hash, hash_key(secret_key)) or record.revoked or not record.tenant:
             return None
         return record
 
@@ -122,7 +119,7 @@ def _record_key(key_id: str) -> str:
 def _decode(key_id: str, fields: dict[bytes, bytes]) -> ApiKey:
     return ApiKey(
         key_id=key_id,
-        tenant=fields[b"tenant"].decode(),
+        tenant=fields.get(b"tenant", b"").decode(),
         name=fields.get(b"name", b"").decode(),
         created_at=float(fields.get(b"created_at", b"0")),
         revoked=fields.get(b"revoked") == b"1",

@@ -123,6 +123,11 @@ class Tokenizer:
         return cls(encoding)
 
     @property
+    def special_tokens(self) -> frozenset[str]:
+        """The special tokens' texts, e.g. ``<|eot_id|>``."""
+        return frozenset(self._encoding.special_tokens_set)
+
+    @property
     def n_vocab(self) -> int:
         """Ranks plus special tokens: 128,256 for Llama 3."""
         return self._encoding.n_vocab

@@ -3,10 +3,12 @@
 The policy lives in :func:`settle_usage` alone, and the tests hold bills against that same function.
 
 Policy: a request is billed once its answer started to reach the client (a 200: the stream's headers, or the whole
-JSON answer): its prompt tokens, plus the completion tokens that were delivered. When the worker reports usage, its
-cumulative count at the last chunk the gateway delivered is used, bounded by ``max_tokens``; when it reports none,
-the gateway counts the delivered text with the model's tokenizer (and the prompt with the chat template). A request
-that ends in an error response before that (no worker, worker error, malformed answer) costs nothing.
+JSON answer): its prompt tokens, plus the completion tokens of every chunk the gateway relayed before the answer
+ended or was cut (a chunk that carries no text yet, such as half of a character or a tool-call fragment, counts as
+relayed when it arrives). When the worker reports usage, its cumulative count at the last relayed chunk is used,
+bounded by ``max_tokens``; when it reports none, the gateway counts the relayed text with the model's tokenizer (and
+the prompt with the chat template). A request that ends in an error response before that (no worker, worker
+error, malformed answer) costs nothing.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from config.settings import (
     SettingsError,
     TokenizerSettings,
     UpstreamSettings,
+    ValidationSettings,
     load_settings,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "SettingsError",
     "TokenizerSettings",
     "UpstreamSettings",
+    "ValidationSettings",
     "load_settings",
 ]

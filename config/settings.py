@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import yaml
 
@@ -38,7 +38,6 @@ class ServerSettings:
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 1_048_576
-    access_log: bool = True
 
 
 @_frozen
@@ -56,6 +55,14 @@ class AuthSettings:
 
 
 @_frozen
+class ValidationSettings:
+    # Special-token text (e.g. "<|eot_id|>") in chat content becomes real control tokens on the worker, so a
+    # tenant could forge turns (RELIABILITY §7.6b). "reject" refuses such bodies with 400; raw prompts are exempt.
+    special_tokens: Literal["reject", "allow"] = "reject"
+    large_body_bytes: int = 65_536  # bodies at least this large are parsed and validated off the event loop
+
+
+@_frozen
 class TokenizerSettings:
     path: str = ""
 
@@ -64,6 +71,7 @@ class TokenizerSettings:
 class UpstreamSettings:
     connect_timeout_seconds: float = 2.0
     read_timeout_seconds: float = 60.0
+    response_timeout_seconds: float = 600.0
     max_connections: int = 1024
     max_keepalive_connections: int = 256
     max_response_bytes: int = 8_388_608
@@ -103,6 +111,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     auth: AuthSettings = AuthSettings()
+    validation: ValidationSettings = ValidationSettings()
     tokenizer: TokenizerSettings = TokenizerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     ledger: LedgerSettings = LedgerSettings()
@@ -174,8 +183,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(items, list):
             raise SettingsError(f"{key}: expected a list")
         return tuple(_convert(str, item, f"{key}[{index}]") for index, item in enumerate(items))
-    if hint is bool:
-        return _to_bool(value, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise SettingsError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if hint in (int, float):
         return _to_number(hint, value, key)
     if hint is str:
@@ -183,14 +195,6 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise SettingsError(f"{key}: expected a string")
         return str(value)
     raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover - a programming error
-
-
-def _to_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise SettingsError(f"{key}: expected true or false, got {value!r}")
 
 
 def _to_number(hint: type[int] | type[float], value: Any, key: str) -> int | float:
@@ -211,6 +215,7 @@ def _check(settings: Settings) -> None:
         "server.workers": settings.server.workers,
         "server.max_body_bytes": settings.server.max_body_bytes,
         "upstream.read_timeout_seconds": settings.upstream.read_timeout_seconds,
+        "upstream.response_timeout_seconds": settings.upstream.response_timeout_seconds,
         "upstream.max_connections": settings.upstream.max_connections,
         "redis.max_connections": settings.redis.max_connections,
     }

@@ -61,7 +61,8 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         "--logfile",
         os.path.join(workdir, "redis.log"),
     ]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own session: a terminal's Ctrl-C must not stop Redis before the gateway has drained and billed.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_redis(port, proc, deadline_seconds=10)
         yield f"redis://127.0.0.1:{port}/0"

@@ -7,11 +7,16 @@ keys are not cached, so a new key works at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from redis.exceptions import RedisError
+
 from billing import ApiKey, KeyStore, hash_key
-from gateway.errors import AuthenticationError, RouteNotFoundError
+from gateway.errors import AuthenticationError, KeyStoreUnavailableError, RouteNotFoundError
+
+logger = logging.getLogger(__name__)
 
 _MAX_CACHED_KEYS: Final = 100_000
 
@@ -40,7 +45,11 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        key = await self._keys.find(secret_key)
+        try:
+            key = await self._keys.find(secret_key)
+        except RedisError as exc:
+            logger.error("cannot reach Redis to check a key: %r", exc)
+            raise KeyStoreUnavailableError() from exc
         if key is None:
             self._cache.pop(digest, None)
             raise AuthenticationError()

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import uvicorn
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from billing import InvalidTenantError, KeyStore
+from billing import InvalidTenantError, KeyStore, parse_key_id
 from config import SettingsError, load_settings
 from gateway.deps import build_redis
 from gateway.sim import cli as sim_cli
@@ -28,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"tollgate: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:
+        print(f"tollgate: cannot reach Redis ({exc}); pass --redis-url or set TOLLGATE_REDIS__URL", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -124,8 +128,12 @@ def _keys_revoke(args: argparse.Namespace) -> int:
             found = await KeyStore(redis).revoke(args.key_id)
         finally:
             await redis.aclose()
-        print(f"revoked {args.key_id}" if found else f"tollgate: no key {args.key_id}")
-        return 0 if found else 1
+        if found:
+            print(f"revoked {args.key_id}")
+            return 0
+        hint = f" (pass the key id, here {parse_key_id(args.key_id)})" if parse_key_id(args.key_id) else ""
+        print(f"tollgate: no key with id {args.key_id!r}{hint}", file=sys.stderr)
+        return 1
 
     return asyncio.run(revoke())
 

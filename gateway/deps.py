@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,9 +16,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from billing import KeyStore, Ledger, Tokenizer
 from config import Settings
+from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
 from gateway.route import WorkerPool
-from gateway.validate import InputSchema
+from gateway.validate import InputSchema, special_token_pattern
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +34,7 @@ class Dependencies:
     ledger: Ledger
     tokenizer: Tokenizer
     schemas: Mapping[str, InputSchema]
+    forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
     pools: Mapping[str, WorkerPool]
     clock: Callable[[], float] = time.time
 
@@ -61,7 +64,8 @@ def build_redis(settings: Settings) -> Redis:
 
 
 def build_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The pooled client for worker calls. ``trust_env=False``: no proxy variables on the path to the workers."""
+    """The pooled client for worker calls, on :class:`WorkerTransport` (the hot path's own transport).
+    ``trust_env=False``: no proxy variables on the path to the workers."""
     config = settings.upstream
     timeout = httpx.Timeout(
         connect=config.connect_timeout_seconds,
@@ -69,10 +73,10 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
         write=config.read_timeout_seconds,
         pool=config.connect_timeout_seconds,
     )
-    limits = httpx.Limits(
+    transport = WorkerTransport(
         max_connections=config.max_connections, max_keepalive_connections=config.max_keepalive_connections
     )
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
 
 
 def build_dependencies(
@@ -97,6 +101,9 @@ def build_dependencies(
         ),
         tokenizer=tokenizer,
         schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
+        forbidden_text=(
+            special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None
+        ),
         pools={name: WorkerPool(name, pool.workers) for name, pool in settings.pools.items()},
         clock=clock,
     )

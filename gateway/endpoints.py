@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.deps import Dependencies
 from gateway.errors import UnknownModelError
 from gateway.relay import Caller, Relay
-from gateway.validate import parse_body, validate
+from gateway.validate import InferenceJob, parse_body, validate
 
 
 async def run_model(request: Request) -> Relay:
@@ -18,10 +19,20 @@ async def run_model(request: Request) -> Relay:
     model = request.path_params["model"]
     if model not in deps.settings.models:
         raise UnknownModelError(model)
-    body = parse_body(await request.body())  # size already capped by BodySizeLimitMiddleware
-    job = validate(body, model, deps.schemas[model], deps.settings.models[model].default_max_tokens)
+    raw = await request.body()  # size already capped by BodySizeLimitMiddleware
+    if len(raw) < deps.settings.validation.large_body_bytes:
+        job = _parse_and_validate(raw, model, deps)
+    else:  # a large body takes milliseconds to parse and check: keep the event loop free for the streams
+        job = await anyio.to_thread.run_sync(_parse_and_validate, raw, model, deps)
     caller = Caller(request_id=request.state.request_id, tenant=key.tenant, key_id=key.key_id, started_at=deps.clock())
     return Relay(job, caller, deps)  # meters and bills in its own finally
+
+
+def _parse_and_validate(raw: bytes, model: str, deps: Dependencies) -> InferenceJob:
+    settings = deps.settings.models[model]
+    return validate(
+        parse_body(raw), model, deps.schemas[model], settings.default_max_tokens, forbidden_text=deps.forbidden_text
+    )
 
 
 async def health(request: Request) -> Response:

@@ -11,6 +11,7 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     ├── RouteNotFoundError              404  7003  no such route, or a key used on another account's path
     ├── MethodNotAllowedError           405  7001  wrong HTTP method on a known route
     ├── JsonModeError                   422  5022  JSON mode: the model's answer is not JSON
+    ├── KeyStoreUnavailableError        503  5530  Redis (keys) cannot be reached: retry later
     └── UpstreamError                   502  5502  a worker answered with an error or garbage
         ├── UpstreamTimeoutError        504  5504  a worker went silent longer than the read timeout
         └── UpstreamUnavailableError    503  5503  no worker of the pool could be reached
@@ -92,6 +93,12 @@ class JsonModeError(TollgateError):
     status_code = 422
     code = 5022
     default_message = "JSON Mode couldn't be met"
+
+
+class KeyStoreUnavailableError(TollgateError):
+    status_code = 503
+    code = 5530
+    default_message = "Service temporarily unavailable, please try again."
 
 
 class UpstreamError(TollgateError):

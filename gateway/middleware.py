@@ -6,7 +6,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLargeError, render_error
+from gateway.errors import InvalidRequestError, PayloadTooLargeError, TollgateError, render_error
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -49,9 +49,14 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body_bytes):
-                await render_error(PayloadTooLargeError())(scope, receive, send)
-                return
+            if name == b"content-length":
+                if not value.isdigit():
+                    error: TollgateError = InvalidRequestError("the content-length header is not a number")
+                    await render_error(error)(scope, receive, send)
+                    return
+                if int(value) > self.max_body_bytes:
+                    await render_error(PayloadTooLargeError())(scope, receive, send)
+                    return
         received = 0
 
         async def capped_receive() -> Message:

@@ -34,7 +34,7 @@ from billing import (
     price_of,
     settle_usage,
 )
-from gateway import _sse
+from gateway import _answers, _sse
 from gateway.errors import (
     InvalidRequestError,
     JsonModeError,
@@ -45,7 +45,7 @@ from gateway.errors import (
 )
 from gateway.meter import Meter
 from gateway.route import Worker
-from gateway.translate import to_vllm_request, upstream_messages, upstream_tools, workers_ai_tool_calls
+from gateway.translate import to_vllm_request, upstream_messages, upstream_tools
 from gateway.validate import InferenceJob
 
 if TYPE_CHECKING:
@@ -85,6 +85,26 @@ def map_upstream_errors() -> Iterator[None]:
 
 class RetryableUpstreamError(UpstreamError):
     """A worker refused the request before serving it (5xx, 404): another worker may be tried."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"The inference worker answered HTTP {status}")
+        self.status = status
+
+
+async def _raise_for_worker_status(response: httpx.Response) -> None:
+    """Classify a worker's non-200 answer by its status (never by its text): 400 is the client's, the rest retryable."""
+    try:
+        with map_upstream_errors():
+            raw = await _read_capped(response, 65536)
+    finally:
+        await response.aclose()
+    if response.status_code == 400:
+        try:
+            detail = _answers.error_text(_answers.parse_object(raw))
+        except UpstreamError:
+            detail = "the worker refused the request"
+        raise InvalidRequestError(detail)
+    raise RetryableUpstreamError(response.status_code)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,9 +166,12 @@ class Relay:
         path, body = to_vllm_request(self.job, self.model.served_name)
         content = json.dumps(body, ensure_ascii=False).encode()
         headers = {"content-type": "application/json", "x-request-id": self.caller.request_id}
-        error: UpstreamError = UpstreamUnavailableError()
-        for worker in self.deps.pools[self.model.pool].candidates():
-            request = self.deps.http.build_request("POST", worker.url + path, content=content, headers=headers)
+        candidates = self.deps.pools[self.model.pool].candidates()
+        errors: list[UpstreamError] = []
+        for worker in candidates:
+            request = self.deps.http.build_request(
+                "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
+            )
             with worker.track():
                 try:
                     with map_upstream_errors():
@@ -156,26 +179,25 @@ class Relay:
                     if response.status_code == 200:
                         self._hold(worker, response)
                         return response
-                    await self._raise_for_worker_status(response)
+                    await _raise_for_worker_status(response)
                 except (UpstreamUnavailableError, RetryableUpstreamError) as exc:
                     logger.warning("worker %s failed before serving %s: %r", worker.url, self.caller.request_id, exc)
-                    error = exc
-        raise error
+                    errors.append(exc)
+        if self.job.lora and errors and all(getattr(error, "status", 0) == 404 for error in errors):
+            raise InvalidRequestError(f"'/lora': no worker serves the adapter '{self.job.lora}'")
+        raise errors[-1] if errors else UpstreamUnavailableError()
+
+    def _timeout(self) -> httpx.Timeout:
+        """Streams use the client's read timeout between chunks; a non-streaming answer arrives only when the
+        whole generation is done, so its wait is bounded by ``upstream.response_timeout_seconds`` instead."""
+        if self.job.stream:
+            return self.deps.http.timeout
+        config = self.deps.settings.upstream
+        return httpx.Timeout(config.response_timeout_seconds, connect=config.connect_timeout_seconds)
 
     def _hold(self, worker: Worker, response: httpx.Response) -> None:
         self._exits.enter_context(worker.track())
         self._worker, self._response = worker, response
-
-    async def _raise_for_worker_status(self, response: httpx.Response) -> None:
-        try:
-            with map_upstream_errors():
-                raw = await _read_capped(response, 65536)
-        finally:
-            await response.aclose()
-        detail = _worker_error_message(raw)
-        if response.status_code == 400:
-            raise InvalidRequestError(detail or "the worker refused the request")
-        raise RetryableUpstreamError(f"The inference worker answered HTTP {response.status_code}")
 
     # -- non-streaming ----------------------------------------------------------------------------------------
 
@@ -183,15 +205,11 @@ class Relay:
         response = await self._open()
         with map_upstream_errors():
             raw = await _read_capped(response, self.deps.settings.upstream.max_response_bytes)
-        data = _parse_json_object(raw)
-        choice = _first_choice(data)
-        message = choice.get("message") or {}
-        text = message.get("content") if "message" in choice else choice.get("text")
-        text = text if isinstance(text, str) else ""
-        tool_calls = workers_ai_tool_calls(message.get("tool_calls"))
+        data = _answers.parse_object(raw)
+        text, tool_calls = _answers.whole_answer(data)
         self.meter.observe_usage(data.get("usage"))
         answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
-        self.meter.delivered(text + _tool_calls_text(tool_calls))
+        self.meter.delivered(text + _answers.tool_calls_text(tool_calls))
         self.meter.answered = True
         result = {"response": answer, "tool_calls": tool_calls, "usage": self._settle().as_dict()}
         payload = {"result": result, "success": True, "errors": [], "messages": []}
@@ -205,7 +223,7 @@ class Relay:
         response = await self._open()
         await send({"type": "http.response.start", "status": 200, "headers": list(_sse.SSE_HEADERS)})
         self.meter.answered = True
-        tool_calls = _ToolCallBuffer()
+        tool_calls = _answers.ToolCallBuffer()
         try:
             with map_upstream_errors():
                 if not await self._pump(response, send, tool_calls):
@@ -220,7 +238,7 @@ class Relay:
         if tool_calls:
             calls = tool_calls.as_workers_ai()
             await send(_more(_sse.frame({"response": "", "tool_calls": calls})))
-            self.meter.delivered(_tool_calls_text(calls))
+            self.meter.delivered(_answers.tool_calls_text(calls))
         else:
             self.meter.delivered()  # the final usage report covers only what was delivered
         usage_frame = _sse.frame({"response": "", "usage": self._settle().as_dict()})
@@ -228,24 +246,24 @@ class Relay:
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
 
-    async def _pump(self, response: httpx.Response, send: Send, tool_calls: _ToolCallBuffer) -> bool:
+    async def _pump(self, response: httpx.Response, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
         """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""
         rng = random.Random()
         with_tool_calls = self.job.form == "messages"
         async for event in EventSource(response).aiter_sse():
             if event.data == "[DONE]":
                 return True
-            chunk = _parse_json_object(event.data.encode())
+            chunk = _answers.parse_object(event.data)
             if "error" in chunk:
-                raise UpstreamError(f"The inference worker failed: {_worker_error_text(chunk)}")
+                raise UpstreamError(f"The inference worker failed: {_answers.error_text(chunk)}")
             self.meter.observe_usage(chunk.get("usage"))
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                text = delta.get("content") if "delta" in choice else choice.get("text")
-                tool_calls.add(delta.get("tool_calls"))
-                if isinstance(text, str) and text:
-                    await send(_more(_sse.content_frame(text, with_tool_calls=with_tool_calls, rng=rng)))
-                    self.meter.delivered(text)
+            text, fragments = _answers.stream_delta(chunk)
+            tool_calls.add(fragments)
+            if text:
+                await send(_more(_sse.content_frame(text, with_tool_calls=with_tool_calls, rng=rng)))
+            # A chunk without text (half a character, a tool-call fragment) has nothing to wait for: its tokens
+            # count as relayed now, as the worker generated them before any cut that may follow.
+            self.meter.delivered(text)
         return False
 
     # -- settle and bill ------------------------------------------------------------------------------------
@@ -290,27 +308,6 @@ class Relay:
             logger.exception("ledger write failed; usage record not stored: %r", record)
 
 
-class _ToolCallBuffer:
-    """Joins streamed OpenAI tool-call fragments by index until the stream ends."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, dict[str, str]] = {}
-
-    def add(self, fragments: Any) -> None:
-        for fragment in fragments or ():
-            call = self._calls.setdefault(int(fragment.get("index", 0)), {"name": "", "arguments": ""})
-            function = fragment.get("function") or {}
-            call["name"] += function.get("name") or ""
-            call["arguments"] += function.get("arguments") or ""
-
-    def __bool__(self) -> bool:
-        return bool(self._calls)
-
-    def as_workers_ai(self) -> list[dict[str, Any]]:
-        ordered = [self._calls[index] for index in sorted(self._calls)]
-        return workers_ai_tool_calls([{"function": call} for call in ordered])
-
-
 def _more(body: bytes) -> dict[str, Any]:
     return {"type": "http.response.body", "body": body, "more_body": True}
 
@@ -325,46 +322,11 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise UpstreamError("The inference worker sent a malformed answer")
-    return data
-
-
-def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise UpstreamError("The inference worker sent an answer without choices")
-    return choices[0]
-
-
 def _parse_json_mode(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
         raise JsonModeError() from None
-
-
-def _tool_calls_text(calls: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps({"name": call["name"], "parameters": call["arguments"]}) for call in calls)
-
-
-def _worker_error_text(data: dict[str, Any]) -> str:
-    error = data.get("error")
-    message = error.get("message") if isinstance(error, dict) else error
-    return str(message)[:300] if message else "unknown error"
-
-
-def _worker_error_message(raw: bytes) -> str:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return ""
-    return _worker_error_text(data) if isinstance(data, dict) else ""
 
 
 def _status_of(exc: TollgateError) -> str:

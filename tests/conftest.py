@@ -19,7 +19,7 @@ import uvicorn
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.types import ASGIApp
 
-from billing import IssuedKey, Tokenizer
+from billing import ApiKey, IssuedKey, Tokenizer
 from config import Settings, load_settings
 from gateway import Dependencies, build_dependencies, create_app
 from gateway._processes import free_port, redis_server as start_redis_server
@@ -141,16 +141,18 @@ async def gateway_for(
     *,
     live: bool = False,
     http: httpx.AsyncClient | None = None,
+    skip_key: bool = False,
     **env: str,
 ) -> AsyncIterator[Gateway]:
     """A gateway in front of ``workers``: in process (``ASGITransport``) or, with ``live``, on a real socket.
-    ``http`` replaces the client the gateway calls workers with (e.g. an ``httpx.MockTransport``)."""
+    ``http`` replaces the client the gateway calls workers with (e.g. an ``httpx.MockTransport``); ``skip_key``
+    creates no key (for a Redis that is down on purpose)."""
     settings = make_settings(redis_url, workers, **env)
     deps = build_dependencies(settings, tokenizer=tokenizer)
     if http is not None:
         await deps.http.aclose()
         deps = dataclasses.replace(deps, http=http)
-    key = await deps.keys.create(TENANT, "test")
+    key = IssuedKey(ApiKey("none", TENANT, "", 0.0, False), "") if skip_key else await deps.keys.create(TENANT, "test")
     app = create_app(settings, deps)
     if live:
         async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as client:

@@ -92,3 +92,22 @@ def test_cli_serve_with_a_bad_setting_fails_naming_the_key() -> None:
     result = subprocess.run([*TOLLGATE, "serve"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2
     assert "configuration error: server.port: expected int" in result.stderr
+
+
+def test_cli_keys_with_redis_unreachable_says_so_without_a_traceback() -> None:
+    result = subprocess.run(
+        [*TOLLGATE, "keys", "create", "--tenant", "acct", "--redis-url", "redis://127.0.0.1:9/0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_keys_revoke_given_a_whole_key_points_to_the_key_id(redis_url: str) -> None:
+    key = "tg_abcdefghijkl_" + "A" * 43
+    result = subprocess.run(
+        [*TOLLGATE, "keys", "revoke", key, "--redis-url", redis_url], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and "pass the key id, here abcdefghijkl" in result.stderr

@@ -23,13 +23,13 @@ def test_settings_environment_overrides_cast_by_type() -> None:
         DEFAULT_CONFIG_PATH,
         {
             "TOLLGATE_SERVER__PORT": "9000",
-            "TOLLGATE_SERVER__ACCESS_LOG": "false",
+            "TOLLGATE_VALIDATION__SPECIAL_TOKENS": "allow",
             "TOLLGATE_UPSTREAM__READ_TIMEOUT_SECONDS": "2.5",
             "TOLLGATE_POOLS__BF16__WORKERS": "http://a:8000, http://b:8000",
             "UNRELATED": "x",
         },
     )
-    assert settings.server.port == 9000 and settings.server.access_log is False
+    assert settings.server.port == 9000 and settings.validation.special_tokens == "allow"
     assert settings.upstream.read_timeout_seconds == 2.5
     assert settings.pools["bf16"].workers == ("http://a:8000", "http://b:8000")
 
@@ -55,7 +55,7 @@ def test_settings_are_frozen() -> None:
         ({"TOLLGATE_SERVER__PORT": "0"}, "server.port: must be greater than 0"),
         ({"TOLLGATE_SERVER__PROT": "80"}, "server.prot: unknown key"),
         ({"TOLLGATE_REDIS__SOCKET_TIMEOUT_SECONDS": "-1"}, "redis.socket_timeout_seconds: must be a non-negative"),
-        ({"TOLLGATE_SERVER__ACCESS_LOG": "maybe"}, "server.access_log: expected true or false"),
+        ({"TOLLGATE_VALIDATION__SPECIAL_TOKENS": "maybe"}, "validation.special_tokens: expected one of reject, allow"),
         ({"TOLLGATE_POOLS__BF16__WORKERS": "ftp://x"}, "pools.bf16.workers[0]: expected an http(s) URL"),
         ({"TOLLGATE_AUTH": "x"}, "auth: expected a mapping"),
     ],

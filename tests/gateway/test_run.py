@@ -332,3 +332,96 @@ async def test_worker_malformed_answer_is_502(redis: Redis, redis_url: str, toke
         response = await gateway.run({"prompt": "hi"})
         assert response.status_code == 502 and response.json()["errors"][0]["code"] == 5502
         await assert_billed(gateway, response.headers["x-request-id"], 0, 0, status="upstream_error")
+
+
+# -- untrusted worker answers ------------------------------------------------------------------------------------
+
+
+def fake_worker(answer: bytes, content_type: str = "application/json") -> httpx.AsyncClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=answer, headers={"content-type": content_type})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"choices": [{"message": "hi"}]}',
+        b'{"choices": ["x"]}',
+        b'{"choices": {"message": {}}}',
+        b'{"choices": []}',
+        b'{"choices": [{"message": {"content": 5}}]}',
+        b'{"choices": [{"message": {"content": null, "tool_calls": [{"function": "f"}]}}]}',
+        b"[1, 2]",
+    ],
+)
+async def test_worker_malformed_whole_answer_is_502_and_costs_nothing(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, answer: bytes
+) -> None:
+    async with gateway_for(redis_url, tokenizer, ["http://worker.test"], http=fake_worker(answer)) as gateway:
+        response = await gateway.run({"prompt": "hi"})
+        assert response.status_code == 502
+        assert response.json()["errors"][0]["code"] == 5502
+        await assert_billed(gateway, response.headers["x-request-id"], 0, 0, status="upstream_error")
+
+
+@pytest.mark.parametrize(
+    "bad_chunk",
+    [
+        b'{"choices": ["x"]}',
+        b'{"choices": [{"delta": "x"}]}',
+        b'{"choices": [{"delta": {"content": 7}}]}',
+        b'{"choices": [{"delta": {"tool_calls": [{"index": "a", "function": {"name": "f"}}]}}]}',
+        b'{"choices": [{"delta": {"tool_calls": {"index": 0}}}]}',
+        b"not json",
+    ],
+)
+async def test_worker_malformed_stream_chunk_ends_the_stream_with_an_error_event(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, bad_chunk: bytes
+) -> None:
+    good = b'{"choices": [{"delta": {"content": "Hello"}}], "usage": {"prompt_tokens": 36, "completion_tokens": 1}}'
+    stream = b"data: " + good + b"\n\ndata: " + bad_chunk + b"\n\ndata: [DONE]\n\n"
+    http = fake_worker(stream, "text/event-stream")
+    async with gateway_for(redis_url, tokenizer, ["http://worker.test"], http=http) as gateway:
+        response = await gateway.run({"messages": USER, "stream": True})
+        assert response.status_code == 200
+        events = sse_events(response.text)
+        assert events[0]["response"] == "Hello"
+        assert events[-1] == "[DONE]" and events[-2]["errors"][0]["code"] == 5502
+        await assert_billed(gateway, response.headers["x-request-id"], 36, 1, status="upstream_error")
+
+
+async def test_worker_unknown_lora_adapter_is_a_400_naming_the_field(gateway: Gateway, worker: SimWorker) -> None:
+    response = await gateway.run({"prompt": "hi", "lora": "no-such-adapter"})
+    assert response.status_code == 400
+    [error] = response.json()["errors"]
+    assert error["code"] == 5006 and "'/lora'" in error["message"] and "no-such-adapter" in error["message"]
+
+
+async def test_worker_non_streaming_answer_may_take_longer_than_the_read_timeout(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with sim_worker(tokenizer, tokens_per_second=20, time_to_first_token_seconds=0, completion_tokens=12) as sim:
+        slow_env = {
+            "TOLLGATE_UPSTREAM__READ_TIMEOUT_SECONDS": "0.2",
+            "TOLLGATE_UPSTREAM__RESPONSE_TIMEOUT_SECONDS": "5",
+        }
+        async with gateway_for(redis_url, tokenizer, [sim.url], **slow_env) as gateway:
+            response = await gateway.run({"prompt": "hi", "max_tokens": 20})
+            assert response.status_code == 200, response.text
+        too_slow = {**slow_env, "TOLLGATE_UPSTREAM__RESPONSE_TIMEOUT_SECONDS": "0.2"}
+        async with gateway_for(redis_url, tokenizer, [sim.url], **too_slow) as gateway:
+            response = await gateway.run({"prompt": "hi", "max_tokens": 20})
+            assert response.status_code == 504 and response.json()["errors"][0]["code"] == 5504
+
+
+async def test_auth_redis_unreachable_is_a_503_not_a_500(tokenizer: Tokenizer, worker: SimWorker) -> None:
+    dead_redis = "redis://127.0.0.1:9/0"
+    async with gateway_for(dead_redis, tokenizer, [worker.url], skip_key=True) as gateway:
+        response = await gateway.client.post(
+            gateway.run_path(), json={"prompt": "hi"}, headers={"Authorization": "Bearer tg_aaaaaaaaaaaa_" + "A" * 43}
+        )
+        assert response.status_code == 503
+        assert response.json()["errors"][0]["code"] == 5530
+        assert worker.served == []
