@@ -213,9 +213,11 @@ class Relay:
         self.meter.answered = True
         result = {"response": answer, "tool_calls": tool_calls, "usage": self._settle().as_dict()}
         payload = {"result": result, "success": True, "errors": [], "messages": []}
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
         self._complete = True
-        await send({"type": "http.response.start", "status": 200, "headers": list(_JSON_HEADERS)})
-        await send({"type": "http.response.body", "body": json.dumps(payload, ensure_ascii=False).encode()})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     # -- streaming ----------------------------------------------------------------------------------------------
 

@@ -23,6 +23,16 @@ async def ledger_by_request(gateway: Gateway) -> dict[str, dict[str, str]]:
     return by_id
 
 
+async def ledger_with(gateway: Gateway, count: int) -> dict[str, dict[str, str]]:
+    """The ledger once it holds ``count`` requests (bills are written as each request's handler finishes)."""
+    for _ in range(100):
+        ledger = await ledger_by_request(gateway)
+        if len(ledger) >= count:
+            return ledger
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the ledger holds {len(ledger)} requests, expected {count}")
+
+
 async def stream_all(client: httpx.AsyncClient, gateway: Gateway, body: dict[str, object]) -> tuple[str, list[str]]:
     async with client.stream("POST", gateway.run_path(), json=body, headers=gateway.auth) as response:
         assert response.status_code == 200
@@ -97,11 +107,7 @@ async def test_stream_client_disconnect_bills_exactly_what_was_generated_before_
 
         await asyncio.gather(*(read_then_leave(rng.randint(1, 20)) for _ in range(12)))
         await wait_for(lambda: len(worker.served) == 12 and all(r["client_disconnected"] for r in worker.served))
-        for _ in range(100):
-            ledger = await ledger_by_request(gateway)
-            if len(ledger) == 12:
-                break
-            await asyncio.sleep(0.05)
+        ledger = await ledger_with(gateway, 12)
         for request_id, events_read in received.items():
             served = worker.record_for(request_id)
             billed = ledger[request_id]
@@ -125,11 +131,7 @@ async def test_non_stream_client_disconnect_closes_the_worker_call_and_costs_not
             async with httpx.AsyncClient(base_url=str(gateway.client.base_url), trust_env=False) as client:
                 await client.post(gateway.run_path(), json={"prompt": "hi"}, headers=gateway.auth, timeout=0.5)
         await wait_for(lambda: len(worker.served) == 1 and worker.served[0]["client_disconnected"])
-        for _ in range(100):
-            ledger = await ledger_by_request(gateway)
-            if ledger:
-                break
-            await asyncio.sleep(0.05)
+        ledger = await ledger_with(gateway, 1)
         [billed] = ledger.values()
         assert billed["status"] == "client_disconnected"
         assert (billed["prompt_tokens"], billed["completion_tokens"], billed["cost_nano_usd"]) == ("0", "0", "0")
