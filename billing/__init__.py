@@ -6,6 +6,7 @@
 from billing.keys import ApiKey, InvalidTenantError, IssuedKey, KeyStore, hash_key, parse_key_id
 from billing.ledger import COUNTER_FIELDS, Ledger, UsageRecord, hour_bucket, tenant_key
 from billing.pricing import Price, cost_nano_usd, format_usd, price_of
+from billing.prompts import BuiltinLlama31Template, ChatTemplate, JinjaChatTemplate, PromptCounter, raw_upper_bound
 from billing.tokens import (
     ChatTemplateError,
     Tokenizer,
@@ -13,18 +14,24 @@ from billing.tokens import (
     count_raw_prompt_tokens,
     render_chat_prompt,
 )
-from billing.usage import Delivery, Usage, parse_reported_count, settle_usage
+from billing.usage import COMPLETION_TOLERANCE, Delivery, Settlement, Usage, parse_reported_count, settle_usage
 
 __all__ = [
+    "COMPLETION_TOLERANCE",
     "COUNTER_FIELDS",
     "ApiKey",
+    "BuiltinLlama31Template",
+    "ChatTemplate",
     "ChatTemplateError",
     "Delivery",
     "InvalidTenantError",
     "IssuedKey",
+    "JinjaChatTemplate",
     "KeyStore",
     "Ledger",
     "Price",
+    "PromptCounter",
+    "Settlement",
     "Tokenizer",
     "Usage",
     "UsageRecord",
@@ -37,6 +44,7 @@ __all__ = [
     "parse_key_id",
     "parse_reported_count",
     "price_of",
+    "raw_upper_bound",
     "render_chat_prompt",
     "settle_usage",
     "tenant_key",

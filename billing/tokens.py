@@ -200,6 +200,23 @@ def render_chat_prompt(
     )
 
 
+def prepare_for_template(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages and tools as vLLM hands them to a Jinja chat template: string contents, assistant tool-call
+    arguments parsed into objects (empty ``tool_calls`` dropped), tools in ``model_dump()`` shape."""
+    prepared = []
+    for message in messages:
+        item = _prepare_message(message)
+        rendered = {key: value for key, value in message.items() if key != "tool_calls"}
+        rendered["content"] = item.content
+        if item.tool_call is not None:
+            name, arguments = item.tool_call
+            rendered["tool_calls"] = [{"type": "function", "function": {"name": name, "arguments": arguments}}]
+        prepared.append(rendered)
+    return prepared, None if tools is None else [_normalize_tool(tool) for tool in tools]
+
+
 def count_chat_prompt_tokens(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],

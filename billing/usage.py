@@ -3,18 +3,27 @@
 The policy lives in :func:`settle_usage` alone, and the tests hold bills against that same function.
 
 Policy: a request is billed once its answer started to reach the client (a 200: the stream's headers, or the whole
-JSON answer): its prompt tokens, plus the completion tokens of every chunk the gateway relayed before the answer
-ended or was cut (a chunk that carries no text yet, such as half of a character or a tool-call fragment, counts as
-relayed when it arrives). When the worker reports usage, its cumulative count at the last relayed chunk is used,
-bounded by ``max_tokens``; when it reports none, the gateway counts the relayed text with the model's tokenizer (and
-the prompt with the chat template). A request that ends in an error response before that (no worker, worker
-error, malformed answer) costs nothing.
+JSON answer); a request that ends in an error response before that (no worker, worker error, malformed answer)
+costs nothing.
+
+- Prompt tokens: always Tollgate's own count (the workers' chat template and tokenizer, billing/prompts.py). The
+  worker's figure is untrusted input (RELIABILITY §7.7); a different one is only counted as a mismatch.
+- Completion tokens: the worker's cumulative count at the last chunk the gateway relayed before the answer ended or
+  was cut (a chunk with no text yet, such as half of a character or a tool-call fragment, counts as relayed when it
+  arrives), bounded by ``max_tokens``. The worker is the only one who knows the tokens it generated, the
+  end-of-turn token included. When it reports nothing, the relayed text is counted with the tokenizer instead.
+  Either way the relayed text is re-counted, and a worker figure further than ``COMPLETION_TOLERANCE`` tokens from
+  it counts as a mismatch (re-tokenizing text can differ from the generated tokens by the end-of-turn token and a
+  split character).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Final
+
+COMPLETION_TOLERANCE: Final = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,21 +60,33 @@ class Delivery:
     reported_completion_tokens: int | None = None
 
 
-def settle_usage(delivery: Delivery, count_prompt: Callable[[], int], count_text: Callable[[str], int]) -> Usage:
-    """Apply the billing policy to ``delivery``.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settlement:
+    """The billed usage, and where the worker's own figures disagreed with the gateway's (``"prompt"``,
+    ``"completion"``)."""
 
-    ``count_prompt`` and ``count_text`` are the gateway's own counters; they are only called when the worker
-    reported nothing usable, so the common path does no tokenization.
-    """
+    usage: Usage
+    mismatches: tuple[str, ...] = ()
+
+
+def settle_usage(delivery: Delivery, prompt_tokens: Callable[[], int], count_text: Callable[[str], int]) -> Settlement:
+    """Apply the billing policy to ``delivery``. ``prompt_tokens`` is the gateway's own prompt count and
+    ``count_text`` its tokenizer; neither is called for a request that was never answered."""
     if not delivery.answered:
-        return Usage()
-    prompt_tokens = delivery.reported_prompt_tokens
-    if prompt_tokens is None:
-        prompt_tokens = count_prompt()
-    completion_tokens = delivery.reported_completion_tokens
-    if completion_tokens is None:
-        completion_tokens = count_text(delivery.delivered_text) if delivery.delivered_text else 0
-    return Usage(prompt_tokens, min(completion_tokens, delivery.max_tokens))
+        return Settlement(Usage())
+    own_prompt = prompt_tokens()
+    text_tokens = count_text(delivery.delivered_text) if delivery.delivered_text else 0
+    mismatches = []
+    if delivery.reported_prompt_tokens is not None and delivery.reported_prompt_tokens != own_prompt:
+        mismatches.append("prompt")
+    reported = delivery.reported_completion_tokens
+    if reported is None:
+        completion = text_tokens
+    else:
+        completion = reported
+        if reported > delivery.max_tokens or abs(reported - text_tokens) > COMPLETION_TOLERANCE:
+            mismatches.append("completion")
+    return Settlement(Usage(own_prompt, min(completion, delivery.max_tokens)), tuple(mismatches))
 
 
 def parse_reported_count(value: object) -> int | None:

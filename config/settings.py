@@ -22,8 +22,9 @@ from typing import Any, Final, Literal
 
 import yaml
 
-DEFAULT_CONFIG_PATH: Final = Path(__file__).with_name("tollgate.yaml")
-SCHEMA_DIR: Final = Path(__file__).with_name("schemas")
+CONFIG_DIR: Final = Path(__file__).parent
+DEFAULT_CONFIG_PATH: Final = CONFIG_DIR / "tollgate.yaml"
+SCHEMA_DIR: Final = CONFIG_DIR / "schemas"
 ENV_PREFIX: Final = "TOLLGATE_"
 _frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 
@@ -95,6 +96,9 @@ class ModelSettings:
     input_schema: str
     context_window_tokens: int
     default_max_tokens: int = 256
+    max_tokens_ceiling: int = 0  # 0: the context window is the only limit
+    over_limit: Literal["refuse", "clamp"] = "refuse"  # max_tokens over the ceiling or the window
+    chat_template: str = ""  # the workers' Jinja chat template; empty: the built-in Llama 3.1 format
     prompt_nano_usd_per_token: int
     completion_nano_usd_per_token: int
 
@@ -102,6 +106,17 @@ class ModelSettings:
     def input_schema_path(self) -> Path:
         path = Path(self.input_schema)
         return path if path.is_absolute() else SCHEMA_DIR / path
+
+    @property
+    def chat_template_path(self) -> Path | None:
+        if not self.chat_template:
+            return None
+        path = Path(self.chat_template)
+        return path if path.is_absolute() else CONFIG_DIR / path
+
+    @property
+    def max_tokens_limit(self) -> int:
+        return min(self.max_tokens_ceiling or self.context_window_tokens, self.context_window_tokens)
 
 
 @_frozen
@@ -234,8 +249,11 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"{key}.pool: no pool named {model.pool!r} under pools")
         if not model.input_schema_path.is_file():
             raise SettingsError(f"{key}.input_schema: no such file {model.input_schema_path}")
-        if not 0 < model.default_max_tokens < model.context_window_tokens:
-            raise SettingsError(f"{key}.default_max_tokens: must be between 1 and context_window_tokens - 1")
+        if not 0 < model.default_max_tokens <= model.max_tokens_limit:
+            raise SettingsError(f"{key}.default_max_tokens: must be between 1 and the max_tokens ceiling")
+        template = model.chat_template_path
+        if template is not None and not template.is_file():
+            raise SettingsError(f"{key}.chat_template: no such file {template}")
 
 
 def _join(path: str, key: str) -> str:

@@ -9,15 +9,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
-from billing import KeyStore, Ledger, Tokenizer
-from config import Settings
+from billing import JinjaChatTemplate, KeyStore, Ledger, PromptCounter, Tokenizer
+from config import ModelSettings, Settings
 from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
+from gateway.observe import GatewayMetrics
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
 
@@ -33,6 +35,8 @@ class Dependencies:
     auth: Authenticator
     ledger: Ledger
     tokenizer: Tokenizer
+    counters: Mapping[str, PromptCounter]  # per model: its workers' chat template + the tokenizer
+    metrics: GatewayMetrics
     schemas: Mapping[str, InputSchema]
     forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
     pools: Mapping[str, WorkerPool]
@@ -100,6 +104,8 @@ def build_dependencies(
             events_max_length=settings.ledger.events_max_length,
         ),
         tokenizer=tokenizer,
+        counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
+        metrics=GatewayMetrics(CollectorRegistry(auto_describe=True)),
         schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
         forbidden_text=(
             special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None
@@ -107,3 +113,8 @@ def build_dependencies(
         pools={name: WorkerPool(name, pool.workers) for name, pool in settings.pools.items()},
         clock=clock,
     )
+
+
+def _prompt_counter(tokenizer: Tokenizer, model: ModelSettings) -> PromptCounter:
+    path = model.chat_template_path
+    return PromptCounter(tokenizer, JinjaChatTemplate.from_file(path) if path is not None else None)

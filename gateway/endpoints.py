@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import anyio.to_thread
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.admit import admit
 from gateway.deps import Dependencies
 from gateway.errors import UnknownModelError
 from gateway.relay import Caller, Relay
@@ -24,8 +26,9 @@ async def run_model(request: Request) -> Relay:
         job = _parse_and_validate(raw, model, deps)
     else:  # a large body takes milliseconds to parse and check: keep the event loop free for the streams
         job = await anyio.to_thread.run_sync(_parse_and_validate, raw, model, deps)
+    admission = await admit(job, deps.settings.models[model], deps.counters[model])
     caller = Caller(request_id=request.state.request_id, tenant=key.tenant, key_id=key.key_id, started_at=deps.clock())
-    return Relay(job, caller, deps)  # meters and bills in its own finally
+    return Relay(admission, caller, deps)  # meters and bills in its own finally
 
 
 def _parse_and_validate(raw: bytes, model: str, deps: Dependencies) -> InferenceJob:
@@ -38,3 +41,9 @@ def _parse_and_validate(raw: bytes, model: str, deps: Dependencies) -> Inference
 async def health(request: Request) -> Response:
     """Liveness: the process serves HTTP."""
     return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process."""
+    deps: Dependencies = request.app.state.deps
+    return Response(generate_latest(deps.metrics.registry), media_type=CONTENT_TYPE_LATEST)

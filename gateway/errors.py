@@ -7,6 +7,7 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     │   ├── MissingBodyError            400  3003  no body at all
     │   └── UnknownModelError           400  5007  no such model
     ├── PayloadTooLargeError            413  3006  body over server.max_body_bytes
+    ├── ContextLengthError              413  5021  prompt_tokens + max_tokens over the model's context window
     ├── AuthenticationError             401 10000  missing, malformed, wrong or revoked key
     ├── RouteNotFoundError              404  7003  no such route, or a key used on another account's path
     ├── MethodNotAllowedError           405  7001  wrong HTTP method on a known route
@@ -67,6 +68,17 @@ class PayloadTooLargeError(TollgateError):
     status_code = 413
     code = 3006
     default_message = "Request is too large"
+
+
+class ContextLengthError(TollgateError):
+    status_code = 413
+    code = 5021
+
+    def __init__(self, requested_tokens: int, window_tokens: int) -> None:
+        super().__init__(
+            f"The estimated number of input and maximum output tokens ({requested_tokens}) exceeded this model "
+            f"context window limit ({window_tokens})."
+        )
 
 
 class AuthenticationError(TollgateError):

@@ -25,16 +25,14 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from billing import (
-    ChatTemplateError,
     Usage,
     UsageRecord,
     cost_nano_usd,
-    count_chat_prompt_tokens,
-    count_raw_prompt_tokens,
     price_of,
     settle_usage,
 )
 from gateway import _answers, _sse
+from gateway.admit import OFF_LOOP_BYTES, Admission, count_prompt
 from gateway.errors import (
     InvalidRequestError,
     JsonModeError,
@@ -45,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.meter import Meter
 from gateway.route import Worker
-from gateway.translate import to_vllm_request, upstream_messages, upstream_tools
+from gateway.translate import to_vllm_request
 from gateway.validate import InferenceJob
 
 if TYPE_CHECKING:
@@ -120,8 +118,9 @@ class Caller:
 class Relay:
     """Serves one admitted request as an ASGI app, from the worker call to the bill."""
 
-    def __init__(self, job: InferenceJob, caller: Caller, deps: Dependencies) -> None:
-        self.job = job
+    def __init__(self, admission: Admission, caller: Caller, deps: Dependencies) -> None:
+        self.job = job = admission.job
+        self._prompt_tokens = admission.prompt_tokens
         self.caller = caller
         self.deps = deps
         self.model = deps.settings.models[job.model]
@@ -211,7 +210,7 @@ class Relay:
         answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
         self.meter.delivered(text + _answers.tool_calls_text(tool_calls))
         self.meter.answered = True
-        result = {"response": answer, "tool_calls": tool_calls, "usage": self._settle().as_dict()}
+        result = {"response": answer, "tool_calls": tool_calls, "usage": (await self._settle()).as_dict()}
         payload = {"result": result, "success": True, "errors": [], "messages": []}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
@@ -243,7 +242,7 @@ class Relay:
             self.meter.delivered(_answers.tool_calls_text(calls))
         else:
             self.meter.delivered()  # the final usage report covers only what was delivered
-        usage_frame = _sse.frame({"response": "", "usage": self._settle().as_dict()})
+        usage_frame = _sse.frame({"response": "", "usage": (await self._settle()).as_dict()})
         self._complete = True
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
@@ -270,19 +269,26 @@ class Relay:
 
     # -- settle and bill ------------------------------------------------------------------------------------
 
-    def _settle(self) -> Usage:
+    async def _settle(self) -> Usage:
         if self._usage is None:
-            self._usage = settle_usage(self.meter.delivery(), self._count_prompt, self.deps.tokenizer.count)
+            delivery = self.meter.delivery()
+            if delivery.answered and self._prompt_tokens is None:
+                self._prompt_tokens = await self._count_prompt()
+            settlement = settle_usage(delivery, lambda: self._prompt_tokens or 0, self.deps.tokenizer.count)
+            for kind in settlement.mismatches:
+                self.deps.metrics.token_count_mismatches.labels(self.job.model, kind).inc()
+                logger.warning("worker's %s count for %s differs from ours: %r", kind, self.caller.request_id, delivery)
+            self._usage = settlement.usage
         return self._usage
 
-    def _count_prompt(self) -> int:
-        """The gateway's own prompt count, used only when the worker reported none."""
-        if self.job.raw:
-            return count_raw_prompt_tokens(self.deps.tokenizer, self.job.prompt or "")
+    async def _count_prompt(self) -> int:
+        """The gateway's own prompt count (admission skips it when a cheap bound proves the prompt fits)."""
+        counter = self.deps.counters[self.job.model]
         try:
-            tools = upstream_tools(self.job) or None
-            return count_chat_prompt_tokens(self.deps.tokenizer, upstream_messages(self.job), tools)
-        except ChatTemplateError:
+            if _text_size(self.job) > OFF_LOOP_BYTES:
+                return await anyio.to_thread.run_sync(count_prompt, self.job, counter)
+            return count_prompt(self.job, counter)
+        except InvalidRequestError:  # the template refuses it, yet a worker answered: bill no prompt, say so
             logger.warning("cannot render the prompt of %s to count it", self.caller.request_id)
             return 0
 
@@ -291,7 +297,7 @@ class Relay:
         if self._response is not None:
             await self._response.aclose()  # mid-stream this drops the connection: the worker aborts
         self._exits.close()
-        usage = self._settle()
+        usage = await self._settle()
         record = UsageRecord(
             request_id=self.caller.request_id,
             tenant=self.caller.tenant,
@@ -308,6 +314,10 @@ class Relay:
             await self.deps.ledger.record(record)
         except (RedisError, OSError):
             logger.exception("ledger write failed; usage record not stored: %r", record)
+
+
+def _text_size(job: InferenceJob) -> int:
+    return len(job.prompt or "") + sum(len(str(message.get("content") or "")) for message in job.messages)
 
 
 def _more(body: bytes) -> dict[str, Any]:

@@ -24,6 +24,8 @@ class SimConfig:
             token included), or at ``max_tokens`` with ``finish_reason: "length"`` when that is smaller.
         seed: mixed with the request id into every random choice, so equal requests get equal answers.
         lora_adapters: adapter names, listed in ``/v1/models`` with the first served name as parent.
+        chat_template: a Jinja chat-template file (``vllm serve --chat-template``); empty: the built-in Llama 3.1
+            template.
     """
 
     served_model_names: tuple[str, ...] = ("meta-llama/Llama-3.1-8B-Instruct",)
@@ -33,6 +35,7 @@ class SimConfig:
     completion_tokens: int | None = None
     seed: int = 0
     lora_adapters: tuple[str, ...] = ()
+    chat_template: str = ""
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

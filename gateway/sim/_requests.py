@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from billing.tokens import ChatTemplateError, Tokenizer, count_chat_prompt_tokens, count_raw_prompt_tokens
+from billing.prompts import PromptCounter
+from billing.tokens import ChatTemplateError
 from gateway.sim._answer import AnswerRequest
 from gateway.sim._config import SimConfig
 from gateway.sim._frames import error_body
@@ -51,7 +52,7 @@ def resolve_model(config: SimConfig, requested: Any) -> str:
     raise RequestError(404, f"The model `{requested}` does not exist.", "NotFoundError", "model")
 
 
-def parse_chat(body: Mapping[str, Any], config: SimConfig, tokenizer: Tokenizer) -> Job:
+def parse_chat(body: Mapping[str, Any], config: SimConfig, counter: PromptCounter) -> Job:
     """Check a chat request and count its prompt as the worker does."""
     model = resolve_model(config, body.get("model"))
     messages = body.get("messages")
@@ -62,7 +63,7 @@ def parse_chat(body: Mapping[str, Any], config: SimConfig, tokenizer: Tokenizer)
         raise RequestError(400, "'tools' must be a list of tools", "Bad Request")
     stream, include_usage, continuous_usage = _stream_options(body)
     try:
-        prompt_tokens = count_chat_prompt_tokens(tokenizer, messages, tools)
+        prompt_tokens = counter.count_chat(messages, tools)
     except ChatTemplateError as exc:
         raise RequestError(400, str(exc)) from exc
     requested = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -76,7 +77,7 @@ def parse_chat(body: Mapping[str, Any], config: SimConfig, tokenizer: Tokenizer)
     return Job("chat", model, stream, include_usage, continuous_usage, prompt_tokens, answer)
 
 
-def parse_completion(body: Mapping[str, Any], config: SimConfig, tokenizer: Tokenizer) -> Job:
+def parse_completion(body: Mapping[str, Any], config: SimConfig, counter: PromptCounter) -> Job:
     """Check a raw-prompt request; ``add_special_tokens`` defaults to true, so BOS is counted."""
     model = resolve_model(config, body.get("model"))
     prompt = body.get("prompt")
@@ -86,7 +87,7 @@ def parse_completion(body: Mapping[str, Any], config: SimConfig, tokenizer: Toke
         raise RequestError(400, "the simulated worker accepts one string 'prompt'", "Bad Request")
     stream, include_usage, continuous_usage = _stream_options(body)
     add_special_tokens = bool(body.get("add_special_tokens", True))
-    prompt_tokens = count_raw_prompt_tokens(tokenizer, prompt, add_special_tokens=add_special_tokens)
+    prompt_tokens = counter.count_raw(prompt, add_special_tokens=add_special_tokens)
     requested = body.get("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS)
     max_tokens = _with_prompt_tokens(_completion_max_tokens, requested, prompt_tokens, config.max_model_len)
     answer = AnswerRequest(max_tokens=max_tokens, completion_tokens=config.completion_tokens)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from billing.prompts import JinjaChatTemplate, PromptCounter
 from billing.tokens import BEGIN_OF_TEXT, ChatTemplateError, Tokenizer, render_chat_prompt
 from gateway.sim._answer import AnswerWriter
 from gateway.sim._config import Faults, SimConfig
@@ -49,6 +50,7 @@ class _Runtime:
 
     config: SimConfig
     tokenizer: Tokenizer
+    counter: PromptCounter
     writer: AnswerWriter
     faults: Faults
     served: list[dict[str, Any]]
@@ -82,6 +84,9 @@ def create_sim_app(config: SimConfig, tokenizer: Tokenizer | None = None, faults
     runtime = _Runtime(
         config=config,
         tokenizer=tokenizer,
+        counter=PromptCounter(
+            tokenizer, JinjaChatTemplate.from_file(config.chat_template) if config.chat_template else None
+        ),
         writer=AnswerWriter(tokenizer, CORPUS),
         faults=faults if faults is not None else Faults(),
         served=[],
@@ -141,7 +146,7 @@ class _GenerationEndpoint:
         if not await exchange.watch.sleep(faults.slow_start_seconds):
             return
         parse = parse_chat if self._kind == "chat" else parse_completion
-        job = parse(body, runtime.config, runtime.tokenizer)
+        job = parse(body, runtime.config, runtime.counter)
         exchange.tally.model = exchange.tally.model or job.model
         exchange.tally.prompt_tokens = job.prompt_tokens
         rng = random.Random(f"{runtime.config.seed}:{base_id}")
@@ -242,20 +247,21 @@ async def _tokenize(request: Request, runtime: _Runtime) -> Response:
         body = await _read_json_object(request)
         if body.get("model") is not None:
             resolve_model(runtime.config, body["model"])
-        tokens = _tokenize_body(body, runtime.tokenizer)
+        tokens = _tokenize_body(body, runtime.tokenizer, runtime.counter)
     except RequestError as exc:
         return _error_response(exc)
     payload = {"count": len(tokens), "max_model_len": runtime.config.max_model_len, "tokens": tokens}
     return JSONResponse({**payload, "token_strs": None})
 
 
-def _tokenize_body(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+def _tokenize_body(body: dict[str, Any], tokenizer: Tokenizer, counter: PromptCounter) -> list[int]:
     bos = tokenizer.encode(BEGIN_OF_TEXT)
     if isinstance(body.get("messages"), list):
         try:
-            text = render_chat_prompt(
-                body["messages"], body.get("tools"), add_generation_prompt=bool(body.get("add_generation_prompt", True))
-            )
+            if body.get("add_generation_prompt", True):
+                text = counter.render(body["messages"], body.get("tools"))
+            else:
+                text = render_chat_prompt(body["messages"], body.get("tools"), add_generation_prompt=False)
         except ChatTemplateError as exc:
             raise RequestError(400, str(exc)) from exc
         # Chat defaults to add_special_tokens=false: the template already starts with BOS.

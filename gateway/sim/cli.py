@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed mixed with each request id")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME", help="a LoRA adapter name; repeatable")
+    parser.add_argument(
+        "--chat-template", default="", metavar="FILE", help="a Jinja chat template (default: the built-in Llama 3.1)"
+    )
     parser.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered with a 500")
     parser.add_argument("--die-after-tokens", type=int, default=None, help="drop the connection after N tokens")
     parser.add_argument("--stall-after-tokens", type=int, default=None, help="stop sending after N tokens")
@@ -52,6 +55,7 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, Faults]:
         completion_tokens=args.completion_tokens,
         seed=args.seed,
         lora_adapters=tuple(args.lora),
+        chat_template=args.chat_template,
     )
     faults = Faults(
         error_rate=args.error_rate,

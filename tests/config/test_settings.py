@@ -70,7 +70,7 @@ def test_settings_bad_value_fails_naming_the_key(environ: dict[str, str], messag
     [
         (("pool: bf16", "pool: nope"), "models.@cf/meta/llama-3.1-8b-instruct.pool: no pool named 'nope'"),
         (
-            ("    context_window_tokens: 7968\n", ""),
+            ("    context_window_tokens: 7968", "    #"),
             "models.@cf/meta/llama-3.1-8b-instruct.context_window_tokens: missing",
         ),
         (
