@@ -1,6 +1,7 @@
 """Configuration: the default ``tollgate.yaml``, the published input schemas and the settings loader."""
 
 from config.settings import (
+    CONFIG_DIR,
     DEFAULT_CONFIG_PATH,
     SCHEMA_DIR,
     AuthSettings,
@@ -18,6 +19,7 @@ from config.settings import (
 )
 
 __all__ = [
+    "CONFIG_DIR",
     "DEFAULT_CONFIG_PATH",
     "SCHEMA_DIR",
     "AuthSettings",

@@ -52,7 +52,7 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.default()
 
 
-def make_settings(redis_url: str, workers: list[str] | None = None, **env: str) -> Settings:
+def make_settings(redis_url: str, workers: list[str] | None = None, config: Path | None = None, **env: str) -> Settings:
     urls = ",".join(workers or ["http://127.0.0.1:9"])
     environ = {
         "TOLLGATE_REDIS__URL": redis_url,
@@ -60,7 +60,7 @@ def make_settings(redis_url: str, workers: list[str] | None = None, **env: str) 
         "TOLLGATE_POOLS__FP8__WORKERS": urls,
         **env,
     }
-    return load_settings(REPO / "config" / "tollgate.yaml", environ)
+    return load_settings(config or REPO / "config" / "tollgate.yaml", environ)
 
 
 @contextlib.asynccontextmanager
@@ -142,12 +142,13 @@ async def gateway_for(
     live: bool = False,
     http: httpx.AsyncClient | None = None,
     skip_key: bool = False,
+    config: Path | None = None,
     **env: str,
 ) -> AsyncIterator[Gateway]:
     """A gateway in front of ``workers``: in process (``ASGITransport``) or, with ``live``, on a real socket.
     ``http`` replaces the client the gateway calls workers with (e.g. an ``httpx.MockTransport``); ``skip_key``
-    creates no key (for a Redis that is down on purpose)."""
-    settings = make_settings(redis_url, workers, **env)
+    creates no key (for a Redis that is down on purpose); ``config`` replaces the default YAML file."""
+    settings = make_settings(redis_url, workers, config, **env)
     deps = build_dependencies(settings, tokenizer=tokenizer)
     if http is not None:
         await deps.http.aclose()
