@@ -24,9 +24,11 @@ from typing import Any, Final, TextIO
 
 from bench._load import Phase, Target, is_openai_content, is_workers_ai_content, run_closed_loop
 from bench._stack import SERVED_MODEL_NAME, WORKERS_AI_MODEL, Stack, WorkerOptions, running_stack, say
+from billing import PromptCounter, Tokenizer
 
 COMPLETION_TOKENS: Final = 64
 PROMPT: Final = "Write a short paragraph about toll roads."
+FILLER: Final = "Toll roads pay for themselves one vehicle at a time, and every gate keeps a careful ledger. "
 TARGETS: Final = ("direct", "tollgate")
 # The issue's targets: at concurrency 1 the gateway adds at most 2 ms to TTFT p50; at 16 it keeps 40 % of the rps.
 TTFT_P50_BUDGET_MS: Final = 2.0
@@ -63,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run (default: 2)")
     parser.add_argument("--tokens-per-second", type=float, default=1000.0, help="worker decode speed (default: 1000)")
     parser.add_argument("--ttft-seconds", type=float, default=0.02, help="worker time to first token (default: 0.02)")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="make the prompt this many tokens long, chat template included (default: a short ~20-token prompt)",
+    )
     parser.add_argument("--output", help="also append the JSON lines to this file")
     parser.add_argument("--log", help="file for the children's output (default: a file in the temp directory)")
     return parser
@@ -79,7 +87,10 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 async def _bench(stack: Stack, args: argparse.Namespace, output: TextIO | None) -> None:
-    targets = _targets(stack)
+    prompt = build_prompt(args.prompt_tokens)
+    if args.prompt_tokens:
+        say(f"prompt: {args.prompt_tokens} tokens ({len(prompt)} characters)")
+    targets = _targets(stack, prompt)
     cpu = _CpuWatch({"gateway": stack.gateway_pid, "worker": stack.worker_pid})
     for concurrency in args.concurrency:
         lines: dict[str, dict[str, Any]] = {}
@@ -101,8 +112,21 @@ async def _bench(stack: Stack, args: argparse.Namespace, output: TextIO | None) 
         _report_targets(summary)
 
 
-def _targets(stack: Stack) -> dict[str, Target]:
-    messages = [{"role": "user", "content": PROMPT}]
+def build_prompt(prompt_tokens: int) -> str:
+    """The bench prompt: the short default, or filler text cut so the rendered prompt has ``prompt_tokens`` tokens."""
+    if prompt_tokens <= 0:
+        return PROMPT
+    counter = PromptCounter(Tokenizer.default())
+    overhead = counter.count_chat([{"role": "user", "content": ""}])
+    filler = Tokenizer.default().encode(FILLER * (prompt_tokens // 10 + 1))
+    text = Tokenizer.default().decode(filler[: max(1, prompt_tokens - overhead)])
+    while counter.count_chat([{"role": "user", "content": text}]) > prompt_tokens:
+        text = text[:-1]
+    return text
+
+
+def _targets(stack: Stack, prompt: str) -> dict[str, Target]:
+    messages = [{"role": "user", "content": prompt}]
     direct_body = {
         "model": SERVED_MODEL_NAME,
         "messages": messages,
