@@ -31,6 +31,15 @@ FP8_MODEL = "@cf/meta/llama-3.1-8b-instruct-fp8"
 BF16_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 FP8_NAME = "meta-llama/Llama-3.1-8B-Instruct-FP8"
 TENANT = "acct-test"
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Get weather for a city",
+    "parameters": {
+        "type": "object",
+        "required": ["city"],
+        "properties": {"city": {"type": "string", "description": "City name"}},
+    },
+}
 
 
 @pytest.fixture(scope="session")

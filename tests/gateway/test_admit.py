@@ -13,17 +13,19 @@ from billing import PromptCounter, Tokenizer
 from gateway.admit import admit
 from gateway.translate import upstream_messages, upstream_tools
 from gateway.validate import InferenceJob
-from tests.conftest import FP8_MODEL, MODEL, REPO, TENANT, Gateway, SimWorker, gateway_for, make_settings, sim_worker
+from tests.conftest import (
+    FP8_MODEL,
+    MODEL,
+    REPO,
+    TENANT,
+    WEATHER_TOOL as TOOL,
+    Gateway,
+    SimWorker,
+    gateway_for,
+    make_settings,
+    sim_worker,
+)
 
-TOOL = {
-    "name": "get_weather",
-    "description": "Get weather for a city",
-    "parameters": {
-        "type": "object",
-        "required": ["city"],
-        "properties": {"city": {"type": "string", "description": "City name"}},
-    },
-}
 LONG_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 400  # ~5,600 tokens
 BODIES = {
     "prompt": {"prompt": LONG_TEXT},

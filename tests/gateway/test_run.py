@@ -11,18 +11,18 @@ import pytest
 from redis.asyncio import Redis
 
 from billing import KeyStore, Tokenizer, count_chat_prompt_tokens
-from tests.conftest import FP8_MODEL, TENANT, Gateway, SimWorker, content_tokens, gateway_for, sim_worker
+from tests.conftest import (
+    FP8_MODEL,
+    TENANT,
+    WEATHER_TOOL as TOOL,
+    Gateway,
+    SimWorker,
+    content_tokens,
+    gateway_for,
+    sim_worker,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
-TOOL = {
-    "name": "get_weather",
-    "description": "Get weather for a city",
-    "parameters": {
-        "type": "object",
-        "required": ["city"],
-        "properties": {"city": {"type": "string", "description": "City name"}},
-    },
-}
 
 
 def sse_events(text: str) -> list[Any]:
