@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -22,6 +24,24 @@ from gateway.auth import Authenticator
 from gateway.observe import GatewayMetrics
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
+
+
+class PendingBills:
+    """Bills being written, each in a task of its own, so that neither a client disconnect nor the server's
+    shutdown cancelling a request can stop one half-way; shutdown waits for them before it closes Redis."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, bill: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(bill)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, timeout_seconds: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_seconds)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,8 +61,10 @@ class Dependencies:
     forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
     pools: Mapping[str, WorkerPool]
     clock: Callable[[], float] = time.time
+    bills: PendingBills = dataclasses.field(default_factory=PendingBills)
 
     async def aclose(self) -> None:
+        await self.bills.drain(timeout_seconds=30)
         await self.http.aclose()
         await self.redis.aclose()
 

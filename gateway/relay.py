@@ -142,13 +142,19 @@ class Relay:
         except TollgateError as exc:
             self.status = _status_of(exc)
             raise
+        except asyncio.CancelledError:
+            self.status = "cancelled"  # the server is shutting down past its grace period: bill what was relayed
+            raise
         except BaseException:
             self.status = "internal_error"
             raise
         finally:
             watcher.cancel()
+            # The bill runs in a task of its own: a plain task.cancel() (uvicorn's shutdown past its grace period)
+            # can interrupt this await, but not the bill, and shutdown waits for pending bills (deps.aclose).
+            bill = self.deps.bills.start(self._finish())
             with anyio.CancelScope(shield=True):
-                await self._finish()
+                await asyncio.shield(bill)
 
     async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":

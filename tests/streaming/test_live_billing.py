@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import random
 
 import httpx
 import pytest
+import uvicorn
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from billing import Tokenizer, hour_bucket
-from tests.conftest import TENANT, Gateway, gateway_for, sim_worker, wait_for
+from billing import Ledger, Tokenizer, UsageRecord, hour_bucket, tenant_key
+from gateway import build_dependencies, create_app
+from gateway._processes import free_port
+from tests.conftest import TENANT, Gateway, gateway_for, make_settings, sim_worker, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -135,3 +141,57 @@ async def test_non_stream_client_disconnect_closes_the_worker_call_and_costs_not
         [billed] = ledger.values()
         assert billed["status"] == "client_disconnected"
         assert (billed["prompt_tokens"], billed["completion_tokens"], billed["cost_nano_usd"]) == ("0", "0", "0")
+
+
+class SlowLedger(Ledger):
+    """A ledger whose writes take half a second, so that shutdown would close Redis under them if it did not wait."""
+
+    async def record(self, record: UsageRecord) -> bool:
+        await asyncio.sleep(0.5)
+        return await super().record(record)
+
+
+async def test_shutdown_mid_stream_bills_what_was_relayed_before_redis_closes(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with sim_worker(tokenizer, tokens_per_second=20, time_to_first_token_seconds=0, completion_tokens=200) as sim:
+        settings = make_settings(redis_url, [sim.url])
+        deps = build_dependencies(settings, tokenizer=tokenizer)
+        deps = dataclasses.replace(deps, ledger=SlowLedger(deps.redis, seen_ttl_seconds=60, events_max_length=10))
+        key = await deps.keys.create(TENANT)
+        port = free_port()
+        app = create_app(settings, deps)
+        server = uvicorn.Server(
+            uvicorn.Config(app, port=port, lifespan="on", log_level="critical", timeout_graceful_shutdown=0.3)
+        )
+        serving = asyncio.create_task(server.serve())
+        await wait_for(lambda: server.started)
+        url = f"http://127.0.0.1:{port}/client/v4/accounts/{TENANT}/ai/run/@cf/meta/llama-3.1-8b-instruct"
+        body = {"prompt": "Tell me everything", "stream": True, "max_tokens": 150}
+        headers = {"Authorization": f"Bearer {key.secret_key}"}
+
+        async def stream_until_shut_down() -> str:
+            async with (
+                httpx.AsyncClient(trust_env=False) as client,
+                client.stream("POST", url, json=body, headers=headers) as response,
+            ):
+                with contextlib.suppress(httpx.HTTPError):  # the server ends the stream after its grace period
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            server.should_exit = True  # shut down while the stream runs
+                return response.headers["x-request-id"]
+
+        streaming = asyncio.create_task(stream_until_shut_down())
+        await serving  # uvicorn cancels the request after 0.3 s, then runs the lifespan shutdown
+        # No await from here on: the bill must already be in Redis when the server has finished (the process would
+        # exit now), although writing it took longer than the shutdown.
+        with SyncRedis.from_url(redis_url) as sync_redis:
+            entries = sync_redis.xrange(tenant_key(TENANT, "events"))
+        request_id = await streaming
+        [billed] = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+        assert billed["request_id"] == request_id
+        served = sim.record_for(request_id)
+        assert billed["status"] == "cancelled"
+        assert 1 <= served["completion_tokens"] < 150
+        assert int(billed["completion_tokens"]) == served["completion_tokens"]
+        assert int(billed["prompt_tokens"]) == served["prompt_tokens"]
