@@ -126,10 +126,8 @@ class Relay:
         self.model = deps.settings.models[job.model]
         self.meter = Meter(job.max_tokens)
         self.status = "ok"
-        self.client_gone = False
         self._complete = False
         self._usage: Usage | None = None
-        self._worker: Worker | None = None
         self._response: httpx.Response | None = None
         self._exits = contextlib.ExitStack()
 
@@ -160,7 +158,6 @@ class Relay:
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self._complete:
-            self.client_gone = True
             self.status = "client_disconnected"
             cancel.cancel()
 
@@ -202,7 +199,7 @@ class Relay:
 
     def _hold(self, worker: Worker, response: httpx.Response) -> None:
         self._exits.enter_context(worker.track())
-        self._worker, self._response = worker, response
+        self._response = response
 
     # -- non-streaming ----------------------------------------------------------------------------------------
 
