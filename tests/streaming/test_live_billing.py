@@ -121,9 +121,10 @@ async def test_stream_client_disconnect_bills_exactly_what_was_generated_before_
             assert billed["status"] == "client_disconnected"
             assert int(billed["completion_tokens"]) == served["completion_tokens"]
             assert int(billed["prompt_tokens"]) == served["prompt_tokens"]
-            # Every token is its own event here. The client stopped reading after `events_read` of them; at most
-            # one more can have been on the wire when it hung up (it was sent, so it is billed).
-            assert events_read <= served["completion_tokens"] <= events_read + 1
+            # The client stopped after `events_read` events. Each carries at least one token; a few more can have been
+            # on the wire when it hung up, or carried half of a character (no event of their own): they were
+            # generated and relayed, so they are billed.
+            assert events_read <= served["completion_tokens"] <= events_read + 3
 
 
 async def test_non_stream_client_disconnect_closes_the_worker_call_and_costs_nothing(
