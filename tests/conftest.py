@@ -31,6 +31,16 @@ FP8_MODEL = "@cf/meta/llama-3.1-8b-instruct-fp8"
 BF16_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 FP8_NAME = "meta-llama/Llama-3.1-8B-Instruct-FP8"
 TENANT = "acct-test"
+# The tool of prompt-tokens.md example C, in the OpenAI shape the worker's template receives.
+OPENAI_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}}},
+    },
+}
+# The same kind of tool as a client sends it to the native route (flat shape, with the required list).
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "Get weather for a city",

@@ -11,17 +11,10 @@ import pytest
 
 from billing import ChatTemplateError, JinjaChatTemplate, PromptCounter, Tokenizer, raw_upper_bound
 from config import CONFIG_DIR
+from tests.conftest import OPENAI_WEATHER_TOOL as TOOL
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOLDEN = [json.loads(line) for line in (DATA / "prompt-tokens.jsonl").read_text().splitlines()]
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}}},
-    },
-}
 EXAMPLE_C = [{"role": "user", "content": "Weather in Paris?"}]
 EXAMPLE_D = [
     *EXAMPLE_C,

@@ -16,19 +16,12 @@ from billing.tokens import (
     count_raw_prompt_tokens,
     render_chat_prompt,
 )
+from tests.conftest import OPENAI_WEATHER_TOOL as WEATHER_TOOL
 
 GOLDEN_COPY = Path(__file__).resolve().parents[1] / "data" / "prompt-tokens.jsonl"
 # CI clones the repo with shared/ beside it; the repo copy above is what the tests read.
 GOLDEN_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "prompt-tokens.jsonl"
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}}},
-    },
-}
 HEADER = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
 DATE_LINES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 GENERATION_PROMPT = "<|start_header_id|>assistant<|end_header_id|>\n\n"
