@@ -38,15 +38,19 @@ async def admit(job: InferenceJob, model: ModelSettings, counter: PromptCounter)
     bound = _upper_bound(job, counter)
     if bound + job.max_tokens <= window:
         return Admission(job, None)
-    if bound > OFF_LOOP_BYTES:
-        prompt_tokens = await anyio.to_thread.run_sync(count_prompt, job, counter)
-    else:
-        prompt_tokens = count_prompt(job, counter)
+    prompt_tokens = await count_prompt_async(job, counter, size_bytes=bound)
     if prompt_tokens + job.max_tokens > window:
         if model.over_limit == "clamp" and prompt_tokens < window:
             return Admission(dataclasses.replace(job, max_tokens=window - prompt_tokens), prompt_tokens)
         raise ContextLengthError(prompt_tokens + job.max_tokens, window)
     return Admission(job, prompt_tokens)
+
+
+async def count_prompt_async(job: InferenceJob, counter: PromptCounter, *, size_bytes: int) -> int:
+    """:func:`count_prompt`, in a worker thread when the prompt is large (``size_bytes`` of text or more)."""
+    if size_bytes > OFF_LOOP_BYTES:
+        return await anyio.to_thread.run_sync(count_prompt, job, counter)
+    return count_prompt(job, counter)
 
 
 def count_prompt(job: InferenceJob, counter: PromptCounter) -> int:

@@ -32,7 +32,7 @@ from billing import (
     settle_usage,
 )
 from gateway import _answers, _sse
-from gateway.admit import OFF_LOOP_BYTES, Admission, count_prompt
+from gateway.admit import Admission, count_prompt_async
 from gateway.errors import (
     InvalidRequestError,
     JsonModeError,
@@ -288,9 +288,7 @@ class Relay:
         """The gateway's own prompt count (admission skips it when a cheap bound proves the prompt fits)."""
         counter = self.deps.counters[self.job.model]
         try:
-            if _text_size(self.job) > OFF_LOOP_BYTES:
-                return await anyio.to_thread.run_sync(count_prompt, self.job, counter)
-            return count_prompt(self.job, counter)
+            return await count_prompt_async(self.job, counter, size_bytes=_text_size(self.job))
         except InvalidRequestError:  # the template refuses it, yet a worker answered: bill no prompt, say so
             logger.warning("cannot render the prompt of %s to count it", self.caller.request_id)
             return 0
