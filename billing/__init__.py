@@ -3,10 +3,24 @@
 ``billing`` never imports ``gateway`` or starlette.
 """
 
-from billing.keys import ApiKey, InvalidTenantError, IssuedKey, KeyStore, hash_key, parse_key_id
-from billing.ledger import COUNTER_FIELDS, Ledger, UsageRecord, hour_bucket, tenant_key
+from billing.budgets import BudgetCheck, Budgets, InvalidBudgetError, month_bounds, parse_usd
+from billing.keys import (
+    DEFAULT_SCOPES,
+    SCOPES,
+    ApiKey,
+    InvalidKeySettingError,
+    InvalidTenantError,
+    IssuedKey,
+    KeyStore,
+    check_scopes,
+    check_tenant,
+    hash_key,
+    parse_key_id,
+)
+from billing.ledger import COUNTER_FIELDS, Ledger, Retention, UsageRecord, hour_bucket, month_of, tenant_key
 from billing.pricing import Price, cost_nano_usd, format_usd, price_of
 from billing.prompts import BuiltinLlama31Template, ChatTemplate, JinjaChatTemplate, PromptCounter, raw_upper_bound
+from billing.spool import DurableLedger, Spool
 from billing.tokens import (
     ChatTemplateError,
     Tokenizer,
@@ -19,11 +33,18 @@ from billing.usage import COMPLETION_TOLERANCE, Delivery, Settlement, Usage, par
 __all__ = [
     "COMPLETION_TOLERANCE",
     "COUNTER_FIELDS",
+    "DEFAULT_SCOPES",
+    "SCOPES",
     "ApiKey",
+    "BudgetCheck",
+    "Budgets",
     "BuiltinLlama31Template",
     "ChatTemplate",
     "ChatTemplateError",
     "Delivery",
+    "DurableLedger",
+    "InvalidBudgetError",
+    "InvalidKeySettingError",
     "InvalidTenantError",
     "IssuedKey",
     "JinjaChatTemplate",
@@ -31,18 +52,25 @@ __all__ = [
     "Ledger",
     "Price",
     "PromptCounter",
+    "Retention",
     "Settlement",
+    "Spool",
     "Tokenizer",
     "Usage",
     "UsageRecord",
+    "check_scopes",
+    "check_tenant",
     "cost_nano_usd",
     "count_chat_prompt_tokens",
     "count_raw_prompt_tokens",
     "format_usd",
     "hash_key",
     "hour_bucket",
+    "month_bounds",
+    "month_of",
     "parse_key_id",
     "parse_reported_count",
+    "parse_usd",
     "price_of",
     "raw_upper_bound",
     "render_chat_prompt",

@@ -1,15 +1,21 @@
 """The ledger: one atomic, deduplicating Redis script per finished request.
 
 Every admitted request is recorded exactly once, keyed by its request id. The script sets the request's
-"seen" key with ``NX`` and only then adds to the tenant's hourly and daily counters and appends a usage event,
-so a write that redis-py retries after a timeout (it may already have been applied) counts once.
+"seen" key with ``NX`` and only then adds to the tenant's hourly, daily and monthly counters and appends a usage
+event, so a write that redis-py retries after a timeout (it may already have been applied), or a spooled record
+replayed later (billing/spool.py), counts once.
 
 Key layout (all of a tenant's keys share the hash tag ``{tenant}``, so each script touches one Cluster slot)::
 
-    tg:{<tenant>}:seen:<request_id>         "1", expires after ledger.seen_ttl_seconds
+    tg:{<tenant>}:seen:<request_id>         "1", expires after Retention.seen_seconds
     tg:{<tenant>}:usage:h:<YYYYMMDDHH>      hash, fields "<model>|requests", "|prompt_tokens",
-    tg:{<tenant>}:usage:d:<YYYYMMDD>            "|completion_tokens", "|cost_nano_usd", "|errors" (UTC)
-    tg:{<tenant>}:events                    stream of usage events, trimmed to about ledger.events_max_length
+    tg:{<tenant>}:usage:d:<YYYYMMDD>            "|completion_tokens", "|cost_nano_usd", "|errors" (UTC);
+                                                kept Retention.hourly_seconds / daily_seconds after the bucket
+    tg:{<tenant>}:spend:m:<YYYYMM>          hash, "total" and "key:<key_id>": nano-dollars spent that month (UTC)
+    tg:{<tenant>}:events                    stream of usage events, trimmed to Retention.events_seconds
+
+Buckets are dated by the request's ``started_at``, which comes from Redis ``TIME`` at admission, so one clock dates
+every event however skewed the replicas' clocks are.
 """
 
 from __future__ import annotations
@@ -22,27 +28,45 @@ from redis.asyncio import Redis
 
 COUNTER_FIELDS: Final = ("requests", "prompt_tokens", "completion_tokens", "cost_nano_usd", "errors")
 
-# KEYS: seen, hour bucket, day bucket, events.  ARGV: seen_ttl, events_max_length, model, prompt_tokens,
-# completion_tokens, cost_nano_usd, is_error, then the event's field/value pairs.
+# KEYS: seen, hour bucket, day bucket, month spend, events.
+# ARGV: seen_ttl, hour bucket expiry (Unix s), day bucket expiry (Unix s), events retention (s), model, prompt_tokens,
+# completion_tokens, cost_nano_usd, is_error, key field of the month spend, then the event's field/value pairs.
 _RECORD_SCRIPT: Final = """
-local prompt, completion, cost, is_error = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if not (prompt and completion and cost and is_error) or prompt < 0 or completion < 0 or cost < 0 then
-  return redis.error_reply('ERR tollgate ledger: bad usage numbers')
+-- numbers are passed on as the strings they came in (a Lua number would print large values in exponent form)
+for i = 6, 9 do
+  if not string.match(ARGV[i], '^%d+$') then
+    return redis.error_reply('ERR tollgate ledger: bad usage numbers')
+  end
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
-local model = ARGV[3]
+local model = ARGV[5]
 for i = 2, 3 do
   redis.call('HINCRBY', KEYS[i], model .. '|requests', 1)
-  redis.call('HINCRBY', KEYS[i], model .. '|prompt_tokens', prompt)
-  redis.call('HINCRBY', KEYS[i], model .. '|completion_tokens', completion)
-  redis.call('HINCRBY', KEYS[i], model .. '|cost_nano_usd', cost)
-  redis.call('HINCRBY', KEYS[i], model .. '|errors', is_error)
+  redis.call('HINCRBY', KEYS[i], model .. '|prompt_tokens', ARGV[6])
+  redis.call('HINCRBY', KEYS[i], model .. '|completion_tokens', ARGV[7])
+  redis.call('HINCRBY', KEYS[i], model .. '|cost_nano_usd', ARGV[8])
+  redis.call('HINCRBY', KEYS[i], model .. '|errors', ARGV[9])
+  redis.call('EXPIREAT', KEYS[i], ARGV[i])
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 8))
+redis.call('HINCRBY', KEYS[4], 'total', ARGV[8])
+redis.call('HINCRBY', KEYS[4], ARGV[10], ARGV[8])
+local now = redis.call('TIME')
+local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
+redis.call('XADD', KEYS[5], 'MINID', '~', string.format('%d', oldest), '*', unpack(ARGV, 11))
 return 1
 """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retention:
+    """How long the ledger keeps what it writes."""
+
+    seen_seconds: int = 35 * 86400  # request ids for deduplication: longer than any spool replay may take
+    events_seconds: int = 35 * 86400  # the usage event stream
+    hourly_seconds: int = 400 * 86400  # hourly buckets, counted from the end of the bucket
+    daily_seconds: int = 5 * 366 * 86400  # daily buckets
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,32 +98,45 @@ def hour_bucket(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y%m%d%H")
 
 
+def month_of(timestamp: float) -> str:
+    """The calendar month (UTC) of ``timestamp``, as ``YYYYMM``."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y%m")
+
+
+def spend_key(tenant: str, month: str) -> str:
+    """The hash of ``tenant``'s spend in ``month`` (``YYYYMM``): ``total`` and ``key:<key_id>``, in nano-dollars."""
+    return tenant_key(tenant, "spend", "m", month)
+
+
 class Ledger:
     """Records usage in Redis, exactly once per request id.
 
     Usage::
 
-        ledger = Ledger(redis, seen_ttl_seconds=35 * 86400, events_max_length=1_000_000)
+        ledger = Ledger(redis, Retention(seen_seconds=35 * 86400))
         is_new = await ledger.record(usage_record)
     """
 
-    def __init__(self, redis: Redis, *, seen_ttl_seconds: int, events_max_length: int) -> None:
+    def __init__(self, redis: Redis, retention: Retention = Retention()) -> None:
         self._redis = redis
-        self._seen_ttl_seconds = seen_ttl_seconds
-        self._events_max_length = events_max_length
+        self._retention = retention
         self._record = redis.register_script(_RECORD_SCRIPT)
 
     async def record(self, record: UsageRecord) -> bool:
         """Record ``record``; ``True`` if it was new, ``False`` if its request id was already billed."""
         hour = hour_bucket(record.started_at)
+        hour_start = int(record.started_at) // 3600 * 3600
+        day_start = int(record.started_at) // 86400 * 86400
         keys = [
             tenant_key(record.tenant, "seen", record.request_id),
             tenant_key(record.tenant, "usage", "h", hour),
             tenant_key(record.tenant, "usage", "d", hour[:8]),
+            spend_key(record.tenant, month_of(record.started_at)),
             tenant_key(record.tenant, "events"),
         ]
         event = {
             "request_id": record.request_id,
+            "tenant": record.tenant,
             "key_id": record.key_id,
             "model": record.model,
             "prompt_tokens": record.prompt_tokens,
@@ -110,13 +147,16 @@ class Ledger:
             "duration_seconds": f"{record.duration_seconds:.6f}",
         }
         args: list[str | int] = [
-            self._seen_ttl_seconds,
-            self._events_max_length,
+            self._retention.seen_seconds,
+            hour_start + 3600 + self._retention.hourly_seconds,
+            day_start + 86400 + self._retention.daily_seconds,
+            self._retention.events_seconds,
             record.model,
             record.prompt_tokens,
             record.completion_tokens,
             record.cost_nano_usd,
             int(record.is_error),
+            f"key:{record.key_id}",
         ]
         for name, value in event.items():
             args += [name, value]
@@ -128,6 +168,11 @@ class Ledger:
         fields = [f"{model}|{name}" for name in COUNTER_FIELDS]
         values = await self._redis.hmget(tenant_key(tenant, "usage", kind, bucket), fields)
         return {name: int(value or 0) for name, value in zip(COUNTER_FIELDS, values, strict=True)}
+
+    async def month_spend(self, tenant: str, month: str, key_id: str | None = None) -> int:
+        """Nano-dollars ``tenant`` (or one of its keys) spent in ``month`` (``YYYYMM``, UTC)."""
+        value = await self._redis.hget(spend_key(tenant, month), "total" if key_id is None else f"key:{key_id}")
+        return int(value or 0)
 
     async def events(self, tenant: str, count: int = 1000) -> list[dict[str, str]]:
         """The tenant's most recent usage events, oldest first."""

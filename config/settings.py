@@ -56,6 +56,17 @@ class AuthSettings:
 
 
 @_frozen
+class AdminSettings:
+    token: str = ""  # bootstrap bearer token for the admin routes; set it from a secret (TOLLGATE_ADMIN__TOKEN)
+
+
+@_frozen
+class BudgetSettings:
+    default_monthly_nano_usd: int = 0  # every tenant's monthly cap unless one is set for it; 0: no default cap
+    on_redis_error: Literal["refuse", "allow"] = "refuse"  # budgets cannot be checked: refuse (503) or allow
+
+
+@_frozen
 class ValidationSettings:
     # Special-token text (e.g. "<|eot_id|>") in chat content becomes real control tokens on the worker, so a
     # tenant could forge turns (RELIABILITY §7.6b). "reject" refuses such bodies with 400; raw prompts are exempt.
@@ -81,7 +92,11 @@ class UpstreamSettings:
 @_frozen
 class LedgerSettings:
     seen_ttl_seconds: int = 3_024_000
-    events_max_length: int = 1_000_000
+    events_retention_seconds: int = 3_024_000
+    hourly_retention_seconds: int = 34_560_000
+    daily_retention_seconds: int = 158_112_000
+    spool_dir: str = "var/spool"  # relative paths start from the working directory
+    spool_replay_interval_seconds: float = 1.0
 
 
 @_frozen
@@ -126,6 +141,8 @@ class Settings:
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
+    budgets: BudgetSettings = BudgetSettings()
     validation: ValidationSettings = ValidationSettings()
     tokenizer: TokenizerSettings = TokenizerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -233,10 +250,15 @@ def _check(settings: Settings) -> None:
         "upstream.response_timeout_seconds": settings.upstream.response_timeout_seconds,
         "upstream.max_connections": settings.upstream.max_connections,
         "redis.max_connections": settings.redis.max_connections,
+        "ledger.seen_ttl_seconds": settings.ledger.seen_ttl_seconds,
+        "ledger.events_retention_seconds": settings.ledger.events_retention_seconds,
+        "ledger.spool_replay_interval_seconds": settings.ledger.spool_replay_interval_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
             raise SettingsError(f"{key}: must be greater than 0")
+    if settings.admin.token and len(settings.admin.token) < 32:
+        raise SettingsError("admin.token: use at least 32 random characters (or leave it empty to disable it)")
     if not settings.models:
         raise SettingsError("models: at least one model must be configured")
     for name, pool in settings.pools.items():

@@ -37,6 +37,7 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        deps.start()
         try:
             yield
         finally:

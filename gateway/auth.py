@@ -1,12 +1,16 @@
-"""Step 1, auth: ``Authorization: Bearer <key>`` → the key's record, for its own account only.
+"""Step 1, auth: ``Authorization: Bearer <key>`` → the key's record, for its own account and scopes only.
 
 Keys are looked up in Redis by their public id and compared by hash (billing/keys.py). Found keys are cached in
 process for ``auth.cache_ttl_seconds``, which bounds how long a revoked key keeps working on a replica; unknown
-keys are not cached, so a new key works at once.
+keys are not cached, so a new key works at once. Expiry is checked on every request, cached or not.
+
+Operators reach the admin routes with a key that has the ``admin`` scope, or with the bootstrap admin token from
+the settings (``admin.token``, meant for a Secret), compared by hash in constant time.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Mapping
 from typing import Final
@@ -14,7 +18,7 @@ from typing import Final
 from redis.exceptions import RedisError
 
 from billing import ApiKey, KeyStore, hash_key
-from gateway.errors import AuthenticationError, KeyStoreUnavailableError, RouteNotFoundError
+from gateway.errors import AuthenticationError, ForbiddenError, KeyStoreUnavailableError, RouteNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +28,34 @@ _MAX_CACHED_KEYS: Final = 100_000
 class Authenticator:
     """Resolves bearer keys to :class:`~billing.ApiKey` records, with a short-lived cache."""
 
-    def __init__(self, keys: KeyStore, *, cache_ttl_seconds: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, keys: KeyStore, *, cache_ttl_seconds: float, clock: Callable[[], float], admin_token: str = ""
+    ) -> None:
         self._keys = keys
         self._ttl = cache_ttl_seconds
         self._clock = clock
+        self._admin_token_hash = hash_key(admin_token) if admin_token else ""
         self._cache: dict[str, tuple[float, ApiKey]] = {}
 
-    async def authenticate(self, headers: Mapping[str, str], account_id: str, path: str) -> ApiKey:
-        """The key presented in ``headers``; it must belong to ``account_id`` (the path's account)."""
-        secret_key = _bearer_token(headers)
-        key = await self._lookup(secret_key)
+    async def authenticate(self, headers: Mapping[str, str], account_id: str, path: str, scope: str) -> ApiKey:
+        """The key presented in ``headers``; it must belong to ``account_id`` (the path's account) and hold
+        ``scope``."""
+        key = await self._lookup(_bearer_token(headers))
         if key.tenant != account_id:
             # A key that works elsewhere must not reveal that this account exists: answer like a bad route.
             raise RouteNotFoundError(path)
+        if scope not in key.scopes:
+            raise ForbiddenError(f"Authentication error: this key lacks the '{scope}' scope")
+        return key
+
+    async def authenticate_admin(self, headers: Mapping[str, str]) -> ApiKey | None:
+        """Admit the bootstrap admin token (``None``: no key behind it) or a key with the ``admin`` scope."""
+        secret = _bearer_token(headers)
+        if self._admin_token_hash and hmac.compare_digest(hash_key(secret), self._admin_token_hash):
+            return None
+        key = await self._lookup(secret)
+        if "admin" not in key.scopes:
+            raise ForbiddenError("Authentication error: this key lacks the 'admin' scope")
         return key
 
     async def _lookup(self, secret_key: str) -> ApiKey:
@@ -44,7 +63,7 @@ class Authenticator:
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return _usable(cached[1], now)
         try:
             key = await self._keys.find(secret_key)
         except RedisError as exc:
@@ -56,7 +75,13 @@ class Authenticator:
         if len(self._cache) >= _MAX_CACHED_KEYS:
             self._cache.clear()
         self._cache[digest] = (now + self._ttl, key)
-        return key
+        return _usable(key, now)
+
+
+def _usable(key: ApiKey, now: float) -> ApiKey:
+    if not key.usable_at(now):
+        raise AuthenticationError()
+    return key
 
 
 def _bearer_token(headers: Mapping[str, str]) -> str:

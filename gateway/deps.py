@@ -17,7 +17,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
-from billing import JinjaChatTemplate, KeyStore, Ledger, PromptCounter, Tokenizer
+from billing import (
+    Budgets,
+    DurableLedger,
+    JinjaChatTemplate,
+    KeyStore,
+    Ledger,
+    PromptCounter,
+    Retention,
+    Spool,
+    Tokenizer,
+)
 from config import ModelSettings, Settings
 from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
@@ -54,6 +64,8 @@ class Dependencies:
     keys: KeyStore
     auth: Authenticator
     ledger: Ledger
+    durable_ledger: DurableLedger  # the bill step's ledger: spools what cannot reach Redis, replays it later
+    budgets: Budgets
     tokenizer: Tokenizer
     counters: Mapping[str, PromptCounter]  # per model: its workers' chat template + the tokenizer
     metrics: GatewayMetrics
@@ -63,8 +75,13 @@ class Dependencies:
     clock: Callable[[], float] = time.time
     bills: PendingBills = dataclasses.field(default_factory=PendingBills)
 
+    def start(self) -> None:
+        """Start background work (replaying bills spooled by an earlier run); needs the running event loop."""
+        self.durable_ledger.start()
+
     async def aclose(self) -> None:
         await self.bills.drain(timeout_seconds=30)
+        await self.durable_ledger.aclose()
         await self.http.aclose()
         await self.redis.aclose()
 
@@ -110,7 +127,8 @@ def build_dependencies(
 ) -> Dependencies:
     """Build every dependency from ``settings``. Loads the tokenizer and schemas; opens no connection yet."""
     redis = build_redis(settings)
-    keys = KeyStore(redis)
+    keys = KeyStore(redis, clock=clock)
+    ledger = Ledger(redis, _retention(settings))
     if tokenizer is None:
         path = settings.tokenizer.path
         tokenizer = Tokenizer.from_file(Path(path)) if path else Tokenizer.default()
@@ -119,12 +137,16 @@ def build_dependencies(
         http=build_http_client(settings),
         redis=redis,
         keys=keys,
-        auth=Authenticator(keys, cache_ttl_seconds=settings.auth.cache_ttl_seconds, clock=clock),
-        ledger=Ledger(
-            redis,
-            seen_ttl_seconds=settings.ledger.seen_ttl_seconds,
-            events_max_length=settings.ledger.events_max_length,
+        auth=Authenticator(
+            keys, cache_ttl_seconds=settings.auth.cache_ttl_seconds, clock=clock, admin_token=settings.admin.token
         ),
+        ledger=ledger,
+        durable_ledger=DurableLedger(
+            ledger,
+            Spool(Path(settings.ledger.spool_dir)),
+            replay_interval_seconds=settings.ledger.spool_replay_interval_seconds,
+        ),
+        budgets=Budgets(redis, default_monthly_nano_usd=settings.budgets.default_monthly_nano_usd or None),
         tokenizer=tokenizer,
         counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
         metrics=GatewayMetrics(CollectorRegistry(auto_describe=True)),
@@ -134,6 +156,16 @@ def build_dependencies(
         ),
         pools={name: WorkerPool(name, pool.workers) for name, pool in settings.pools.items()},
         clock=clock,
+    )
+
+
+def _retention(settings: Settings) -> Retention:
+    config = settings.ledger
+    return Retention(
+        seen_seconds=config.seen_ttl_seconds,
+        events_seconds=config.events_retention_seconds,
+        hourly_seconds=config.hourly_retention_seconds,
+        daily_seconds=config.daily_retention_seconds,
     )
 
 

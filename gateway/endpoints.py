@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.admit import admit
+from gateway.admit import admit, admit_spend
 from gateway.deps import Dependencies
 from gateway.errors import UnknownModelError
 from gateway.relay import Caller, Relay
@@ -17,7 +17,9 @@ from gateway.validate import InferenceJob, parse_body, validate
 async def run_model(request: Request) -> Relay:
     """``POST /client/v4/accounts/{account_id}/ai/run/{model}``: the native Workers AI endpoint."""
     deps: Dependencies = request.app.state.deps
-    key = await deps.auth.authenticate(request.headers, request.path_params["account_id"], request.url.path)
+    key = await deps.auth.authenticate(
+        request.headers, request.path_params["account_id"], request.url.path, scope="inference"
+    )
     model = request.path_params["model"]
     if model not in deps.settings.models:
         raise UnknownModelError(model)
@@ -26,8 +28,18 @@ async def run_model(request: Request) -> Relay:
         job = _parse_and_validate(raw, model, deps)
     else:  # a large body takes milliseconds to parse and check: keep the event loop free for the streams
         job = await anyio.to_thread.run_sync(_parse_and_validate, raw, model, deps)
-    admission = await admit(job, deps.settings.models[model], deps.counters[model])
-    caller = Caller(request_id=request.state.request_id, tenant=key.tenant, key_id=key.key_id, started_at=deps.clock())
+    settings = deps.settings.models[model]
+    admission = await admit(job, settings, deps.counters[model])
+    admission, started_at = await admit_spend(
+        admission,
+        key,
+        settings,
+        deps.counters[model],
+        deps.budgets,
+        clock=deps.clock,
+        on_redis_error=deps.settings.budgets.on_redis_error,
+    )
+    caller = Caller(request_id=request.state.request_id, tenant=key.tenant, key_id=key.key_id, started_at=started_at)
     return Relay(admission, caller, deps)  # meters and bills in its own finally
 
 

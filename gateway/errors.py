@@ -8,10 +8,14 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     │   └── UnknownModelError           400  5007  no such model
     ├── PayloadTooLargeError            413  3006  body over server.max_body_bytes
     ├── ContextLengthError              413  5021  prompt_tokens + max_tokens over the model's context window
-    ├── AuthenticationError             401 10000  missing, malformed, wrong or revoked key
+    ├── AuthenticationError             401 10000  missing, malformed, wrong, expired or revoked key
+    ├── ForbiddenError                  403 10000  a valid key without the scope the route needs
     ├── RouteNotFoundError              404  7003  no such route, or a key used on another account's path
     ├── MethodNotAllowedError           405  7001  wrong HTTP method on a known route
     ├── JsonModeError                   422  5022  JSON mode: the model's answer is not JSON
+    ├── BudgetExceededError             429  3036  the tenant's or key's monthly budget would be passed
+    ├── InvalidQueryError               400  5006  a usage or admin query parameter is wrong (names it)
+    ├── NotFoundError                   404  7003  no such key (admin routes)
     ├── KeyStoreUnavailableError        503  5530  Redis (keys) cannot be reached: retry later
     └── UpstreamError                   502  5502  a worker answered with an error or garbage
         ├── UpstreamTimeoutError        504  5504  a worker went silent longer than the read timeout
@@ -28,6 +32,9 @@ from typing import ClassVar
 
 from starlette.responses import Response
 
+from billing import Usage
+from gateway.meter import usage_headers
+
 
 class TollgateError(Exception):
     """Base of every error the gateway raises on purpose."""
@@ -39,6 +46,11 @@ class TollgateError(Exception):
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
         super().__init__(self.message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error calls for."""
+        return {}
 
 
 class InvalidRequestError(TollgateError):
@@ -95,6 +107,22 @@ class RouteNotFoundError(TollgateError):
         super().__init__(f"Could not route to {path}, perhaps your object identifier is invalid?")
 
 
+class ForbiddenError(TollgateError):
+    status_code = 403
+    code = 10000
+    default_message = "Authentication error"
+
+
+class NotFoundError(TollgateError):
+    status_code = 404
+    code = 7003
+
+
+class InvalidQueryError(TollgateError):
+    status_code = 400
+    code = 5006
+
+
 class MethodNotAllowedError(TollgateError):
     status_code = 405
     code = 7001
@@ -105,6 +133,18 @@ class JsonModeError(TollgateError):
     status_code = 422
     code = 5022
     default_message = "JSON Mode couldn't be met"
+
+
+class BudgetExceededError(TollgateError):
+    """Workers AI answers 429 / 3036 ("Account limited") when an account's allocation is used up; a monthly budget
+    is the same thing here. Retrying cannot help before the month ends, so SDKs are told not to."""
+
+    status_code = 429
+    code = 3036
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"}
 
 
 class KeyStoreUnavailableError(TollgateError):
@@ -139,4 +179,5 @@ def error_body(code: int, message: str) -> dict[str, object]:
 def render_error(exc: TollgateError, headers: dict[str, str] | None = None) -> Response:
     """Render ``exc`` as a Workers AI error response: the only code that knows the envelope's HTTP shape."""
     body = json.dumps(error_body(exc.code, exc.message), ensure_ascii=False, separators=(",", ":"))
+    headers = {**usage_headers(Usage(), 0), **exc.headers, **(headers or {})}
     return Response(body, status_code=exc.status_code, headers=headers, media_type="application/json")

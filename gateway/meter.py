@@ -9,7 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing import Delivery, parse_reported_count
+from billing import Delivery, Usage, format_usd, parse_reported_count
+
+
+def usage_headers(usage: Usage, cost_nano_usd: int) -> dict[str, str]:
+    """The usage and cost of one request as response headers (every response has them; refusals cost 0)."""
+    return {
+        "x-tollgate-prompt-tokens": str(usage.prompt_tokens),
+        "x-tollgate-completion-tokens": str(usage.completion_tokens),
+        "x-tollgate-total-tokens": str(usage.total_tokens),
+        "x-tollgate-cost-nano-usd": str(cost_nano_usd),
+        "x-tollgate-cost-usd": format_usd(cost_nano_usd),
+    }
+
+
+def usage_with_cost(usage: Usage, cost_nano_usd: int) -> dict[str, int | str]:
+    """The Workers AI ``usage`` object, plus the request's cost."""
+    return {**usage.as_dict(), "cost_nano_usd": cost_nano_usd, "cost_usd": format_usd(cost_nano_usd)}
 
 
 class Meter:

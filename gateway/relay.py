@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import httpx
 from httpx_sse import EventSource, SSEError
-from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from billing import (
@@ -41,7 +40,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from gateway.meter import Meter
+from gateway.meter import Meter, usage_headers, usage_with_cost
 from gateway.route import Worker
 from gateway.translate import to_vllm_request
 from gateway.validate import InferenceJob
@@ -213,10 +212,12 @@ class Relay:
         answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
         self.meter.delivered(text + _answers.tool_calls_text(tool_calls))
         self.meter.answered = True
-        result = {"response": answer, "tool_calls": tool_calls, "usage": (await self._settle()).as_dict()}
+        usage = await self._settle()
+        cost = self._cost(usage)
+        result = {"response": answer, "tool_calls": tool_calls, "usage": usage_with_cost(usage, cost)}
         payload = {"result": result, "success": True, "errors": [], "messages": []}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *_encode(usage_headers(usage, cost))]
         self._complete = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -225,7 +226,11 @@ class Relay:
 
     async def _stream(self, send: Send) -> None:
         response = await self._open()
-        await send({"type": "http.response.start", "status": 200, "headers": list(_sse.SSE_HEADERS)})
+        if self._prompt_tokens is None:  # counted while the worker starts generating; the bill needs it anyway
+            self._prompt_tokens = await self._count_prompt()
+        # The stream's final usage event carries the completion tokens and the cost; the headers, the prompt tokens.
+        headers = [*_sse.SSE_HEADERS, (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         self.meter.answered = True
         tool_calls = _answers.ToolCallBuffer()
         try:
@@ -245,7 +250,8 @@ class Relay:
             self.meter.delivered(_answers.tool_calls_text(calls))
         else:
             self.meter.delivered()  # the final usage report covers only what was delivered
-        usage_frame = _sse.frame({"response": "", "usage": (await self._settle()).as_dict()})
+        usage = await self._settle()
+        usage_frame = _sse.frame({"response": "", "usage": usage_with_cost(usage, self._cost(usage))})
         self._complete = True
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
@@ -284,6 +290,9 @@ class Relay:
             self._usage = settlement.usage
         return self._usage
 
+    def _cost(self, usage: Usage) -> int:
+        return cost_nano_usd(price_of(self.model), usage.prompt_tokens, usage.completion_tokens)
+
     async def _count_prompt(self) -> int:
         """The gateway's own prompt count (admission skips it when a cheap bound proves the prompt fits)."""
         counter = self.deps.counters[self.job.model]
@@ -306,15 +315,19 @@ class Relay:
             model=self.job.model,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
-            cost_nano_usd=cost_nano_usd(price_of(self.model), usage.prompt_tokens, usage.completion_tokens),
+            cost_nano_usd=self._cost(usage),
             status=self.status,
             started_at=self.caller.started_at,
             duration_seconds=max(0.0, self.deps.clock() - self.caller.started_at),
         )
         try:
-            await self.deps.ledger.record(record)
-        except (RedisError, OSError):
-            logger.exception("ledger write failed; usage record not stored: %r", record)
+            await self.deps.durable_ledger.record(record)  # spools the record if Redis cannot take it
+        except OSError:
+            logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in headers.items()]
 
 
 def _text_size(job: InferenceJob) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def make_settings(redis_url: str, workers: list[str] | None = None, config: Path
     urls = ",".join(workers or ["http://127.0.0.1:9"])
     environ = {
         "TOLLGATE_REDIS__URL": redis_url,
+        "TOLLGATE_LEDGER__SPOOL_DIR": tempfile.mkdtemp(prefix="tollgate-spool-"),
         "TOLLGATE_POOLS__BF16__WORKERS": urls,
         "TOLLGATE_POOLS__FP8__WORKERS": urls,
         **env,

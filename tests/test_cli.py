@@ -75,7 +75,8 @@ async def test_cli_keys_create_prints_a_working_key_once(redis: Redis, redis_url
         text=True,
     )
     assert revoke.returncode == 0
-    assert await KeyStore(redis).find(key.group(1)) is None
+    revoked = await KeyStore(redis).find(key.group(1))
+    assert revoked is not None and revoked.revoked
 
 
 def test_cli_keys_create_refuses_a_bad_tenant(redis_url: str) -> None:

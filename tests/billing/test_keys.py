@@ -29,14 +29,14 @@ async def test_keys_find_returns_the_tenant_and_refuses_forgeries(redis: Redis) 
     assert await store.find("garbage") is None
 
 
-async def test_keys_revoked_key_is_not_found(redis: Redis) -> None:
+async def test_keys_revoked_key_is_found_but_not_usable(redis: Redis) -> None:
     store = KeyStore(redis)
     issued = await store.create("acct-1")
-    assert await store.revoke(issued.record.key_id) is True
-    assert await store.find(issued.secret_key) is None
-    record = await store.get(issued.record.key_id)
-    assert record is not None and record.revoked
-    assert await store.revoke("nosuchkeyid00") is False
+    revoked = await store.revoke(issued.record.key_id)
+    assert revoked is not None and revoked.revoked and not revoked.usable_at(0)
+    found = await store.find(issued.secret_key)
+    assert found is not None and found.revoked
+    assert await store.revoke("nosuchkeyid0") is None
 
 
 @pytest.mark.parametrize("tenant", ["", "a{b}", "a b", "x" * 65, "-lead"])

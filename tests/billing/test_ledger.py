@@ -37,7 +37,7 @@ def test_pricing_is_exact_integer_nano_dollars() -> None:
 
 
 async def test_ledger_same_request_id_billed_1000_times_concurrently_counts_once(redis: Redis) -> None:
-    ledger = Ledger(redis, seen_ttl_seconds=3600, events_max_length=1000)
+    ledger = Ledger(redis)
     record = make_record()
     results = await asyncio.gather(*(ledger.record(record) for _ in range(1000)))
     assert results.count(True) == 1
@@ -55,7 +55,7 @@ async def test_ledger_same_request_id_billed_1000_times_concurrently_counts_once
 
 
 async def test_ledger_keeps_tenants_models_and_hours_apart(redis: Redis) -> None:
-    ledger = Ledger(redis, seen_ttl_seconds=3600, events_max_length=1000)
+    ledger = Ledger(redis)
     await ledger.record(make_record("r1"))
     await ledger.record(make_record("r2", tenant="acct-b"))
     await ledger.record(make_record("r3", model="@cf/meta/llama-3.1-8b-instruct-fp8"))
@@ -74,7 +74,7 @@ async def test_ledger_keeps_tenants_models_and_hours_apart(redis: Redis) -> None
 
 
 async def test_ledger_rejects_negative_numbers_before_writing(redis: Redis) -> None:
-    ledger = Ledger(redis, seen_ttl_seconds=3600, events_max_length=1000)
+    ledger = Ledger(redis)
     with pytest.raises(ResponseError, match="bad usage"):
         await ledger.record(make_record(prompt_tokens=-1))
     assert [key async for key in redis.scan_iter("tg:*")] == []

@@ -165,7 +165,13 @@ async def test_admit_worker_misreporting_prompt_tokens_is_billed_our_count_and_c
     http = httpx.AsyncClient(transport=httpx.MockTransport(lying_worker))
     async with gateway_for(redis_url, tokenizer, ["http://worker.test"], http=http) as gateway:
         response = await gateway.run({"prompt": "Hello"})
-        assert response.json()["result"]["usage"] == {"prompt_tokens": 36, "completion_tokens": 3, "total_tokens": 39}
+        assert response.json()["result"]["usage"] == {
+            "prompt_tokens": 36,
+            "completion_tokens": 3,
+            "total_tokens": 39,
+            "cost_nano_usd": 36 * 280 + 3 * 830,
+            "cost_usd": "0.000012570",
+        }
         [event] = await gateway.deps.ledger.events(TENANT)
         assert event["prompt_tokens"] == "36" and event["cost_nano_usd"] == str(36 * 280 + 3 * 830)
         metrics = (await gateway.client.get("/metrics")).text

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from billing import KeyStore, Tokenizer, count_chat_prompt_tokens
+from billing import KeyStore, Tokenizer, count_chat_prompt_tokens, format_usd
 from tests.conftest import (
     FP8_MODEL,
     TENANT,
@@ -20,6 +20,7 @@ from tests.conftest import (
     content_tokens,
     gateway_for,
     sim_worker,
+    wait_for,
 )
 
 USER = [{"role": "user", "content": "Hello"}]
@@ -59,11 +60,19 @@ async def test_run_prompt_returns_the_workers_ai_envelope_and_bills_it(gateway: 
     request_id = response.headers["x-request-id"]
     served = worker.record_for(request_id)
     usage = result["usage"]
+    cost = 280 * served["prompt_tokens"] + 830 * served["completion_tokens"]
     assert usage == {
         "prompt_tokens": served["prompt_tokens"],
         "completion_tokens": served["completion_tokens"],
         "total_tokens": served["prompt_tokens"] + served["completion_tokens"],
+        "cost_nano_usd": cost,
+        "cost_usd": format_usd(cost),
     }
+    assert response.headers["x-tollgate-prompt-tokens"] == str(served["prompt_tokens"])
+    assert response.headers["x-tollgate-completion-tokens"] == str(served["completion_tokens"])
+    assert response.headers["x-tollgate-total-tokens"] == str(usage["total_tokens"])
+    assert response.headers["x-tollgate-cost-nano-usd"] == str(cost)
+    assert response.headers["x-tollgate-cost-usd"] == format_usd(cost)
     assert served["prompt_tokens"] == count_chat_prompt_tokens(
         gateway.deps.tokenizer, [{"role": "user", "content": "Tell me a story"}]
     )
@@ -78,6 +87,7 @@ async def test_run_stream_relays_workers_ai_events_then_usage_then_done(gateway:
     assert events[-1] == "[DONE]"
     usage_event = events[-2]
     assert set(usage_event) == {"response", "usage"} and usage_event["response"] == ""
+    assert response.headers["x-tollgate-prompt-tokens"] == "36"
     content = events[:-2]
     assert content, "no content events"
     for event in content:
@@ -87,6 +97,8 @@ async def test_run_stream_relays_workers_ai_events_then_usage_then_done(gateway:
     served = worker.record_for(response.headers["x-request-id"])
     assert usage_event["usage"]["completion_tokens"] == served["completion_tokens"]
     assert usage_event["usage"]["prompt_tokens"] == served["prompt_tokens"] == 36
+    cost = 36 * 280 + served["completion_tokens"] * 830
+    assert usage_event["usage"]["cost_nano_usd"] == cost and usage_event["usage"]["cost_usd"] == format_usd(cost)
     joined = "".join(event["response"] for event in content)
     # 11 text tokens; re-tokenizing the text may differ by one where a character spans two tokens
     assert content_tokens(served) == 11 and abs(gateway.deps.tokenizer.count(joined) - 11) <= 1
@@ -327,7 +339,9 @@ async def test_worker_stall_mid_stream_times_out_and_bills_what_was_delivered(
         response = await gateway.run({"messages": USER, "stream": True, "max_tokens": 50})
         events = sse_events(response.text)
         assert events[-2]["errors"][0]["code"] == 5504
-        served = worker.record_for(response.headers["x-request-id"])["completion_tokens"]
+        request_id = response.headers["x-request-id"]
+        await wait_for(lambda: any(record["request_id"] == request_id for record in worker.served))  # sees the close
+        served = worker.record_for(request_id)["completion_tokens"]
         assert fault_fired_at(served, 4)
         await assert_billed(gateway, response.headers["x-request-id"], 36, served, status="upstream_timeout")
 

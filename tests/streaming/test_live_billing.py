@@ -14,7 +14,7 @@ import uvicorn
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from billing import Ledger, Tokenizer, UsageRecord, hour_bucket, tenant_key
+from billing import DurableLedger, Ledger, Tokenizer, UsageRecord, hour_bucket, tenant_key
 from gateway import build_dependencies, create_app
 from gateway._processes import free_port
 from tests.conftest import TENANT, Gateway, gateway_for, make_settings, sim_worker, wait_for
@@ -158,7 +158,8 @@ async def test_shutdown_mid_stream_bills_what_was_relayed_before_redis_closes(
     async with sim_worker(tokenizer, tokens_per_second=20, time_to_first_token_seconds=0, completion_tokens=200) as sim:
         settings = make_settings(redis_url, [sim.url])
         deps = build_dependencies(settings, tokenizer=tokenizer)
-        deps = dataclasses.replace(deps, ledger=SlowLedger(deps.redis, seen_ttl_seconds=60, events_max_length=10))
+        slow = DurableLedger(SlowLedger(deps.redis), deps.durable_ledger.spool, replay_interval_seconds=1)
+        deps = dataclasses.replace(deps, durable_ledger=slow)
         key = await deps.keys.create(TENANT)
         port = free_port()
         app = create_app(settings, deps)

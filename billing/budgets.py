@@ -1,0 +1,133 @@
+"""Budgets: spend caps per tenant, and optionally per key, for each calendar month (UTC).
+
+A request is refused before it reaches a worker when what was already spent this month plus the most it can cost
+(its prompt tokens and ``max_tokens`` at the model's prices) would pass a cap. A running stream is never cut.
+
+Overshoot: spend is counted when a request is billed, so requests in flight are not in it. Each one was admitted
+with ``spent + its maximum cost <= cap``, and so a month can end above the cap by at most the maximum cost of the
+requests that were in flight together when it was reached: concurrent requests * window tokens * completion price
+in the worst case, about $0.0066 per concurrent request for the 8b model. Concurrency limits (per key) bound it.
+
+The admission check is one Redis round trip (a pipeline) that also reads Redis ``TIME``: the request's timestamp,
+which dates its bill. Redis layout::
+
+    tg:{<tenant>}:budget          hash: monthly_nano_usd (absent: the configured default)
+    tg:{<tenant>}:spend:m:<YYYYMM>  written by the ledger (billing/ledger.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from decimal import Decimal, InvalidOperation
+from typing import Final, Literal
+
+from redis.asyncio import Redis
+
+from billing.keys import ApiKey
+from billing.ledger import month_of, spend_key, tenant_key
+from billing.pricing import NANO_USD_PER_USD
+
+_FIELD: Final = "monthly_nano_usd"
+
+
+class InvalidBudgetError(ValueError):
+    """A budget must be a non-negative amount of dollars with at most 9 decimal places."""
+
+
+def parse_usd(text: str) -> int:
+    """Exact dollars (``"25"``, ``"0.50"``) to nano-dollars."""
+    try:
+        value = Decimal(text.strip()) * NANO_USD_PER_USD
+    except InvalidOperation:
+        raise InvalidBudgetError(f"expected an amount of dollars such as 25.00, got {text!r}") from None
+    if not value.is_finite() or value < 0 or value != value.to_integral_value():
+        raise InvalidBudgetError(f"expected a non-negative amount with at most 9 decimal places, got {text!r}")
+    return int(value)
+
+
+def month_bounds(month: str) -> tuple[float, float]:
+    """The first instant of ``month`` (``YYYYMM``, UTC) and of the month after, in Unix seconds."""
+    start = dt.datetime.strptime(month, "%Y%m").replace(tzinfo=dt.UTC)
+    following = (start + dt.timedelta(days=32)).replace(day=1)
+    return start.timestamp(), following.timestamp()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetCheck:
+    """What one admission read: Redis's clock, and the caps and spend of the tenant and the key this month."""
+
+    now: float
+    month: str
+    tenant_cap: int | None
+    tenant_spent: int
+    key_cap: int | None
+    key_spent: int
+
+    def exceeded_by(self, max_cost_nano_usd: int) -> Literal["tenant", "key"] | None:
+        """Which budget a request costing up to ``max_cost_nano_usd`` would pass, if any (the key's first)."""
+        if self.key_cap is not None and self.key_spent + max_cost_nano_usd > self.key_cap:
+            return "key"
+        if self.tenant_cap is not None and self.tenant_spent + max_cost_nano_usd > self.tenant_cap:
+            return "tenant"
+        return None
+
+    @property
+    def resets_at(self) -> float:
+        return month_bounds(self.month)[1]
+
+
+class Budgets:
+    """Reads and sets monthly budgets; checks a request against them in one round trip."""
+
+    def __init__(self, redis: Redis, *, default_monthly_nano_usd: int | None) -> None:
+        self._redis = redis
+        self._default = default_monthly_nano_usd
+
+    async def check(self, key: ApiKey, now_hint: float) -> BudgetCheck:
+        """Read Redis ``TIME`` with the tenant's and the key's caps and spend for the current month.
+
+        ``now_hint`` (this replica's clock) picks the month to read; on the rare request where Redis's clock says
+        another month (skew across a month boundary), it is read again for Redis's month."""
+        check = await self._read(key, month_of(now_hint))
+        if month_of(check.now) != check.month:
+            check = await self._read(key, month_of(check.now))
+        return check
+
+    async def tenant_budget(self, tenant: str) -> tuple[int | None, bool]:
+        """The tenant's cap in nano-dollars (``None``: no cap), and whether it is the configured default."""
+        return self._decode_cap(await self._redis.hget(_budget_key(tenant), _FIELD))
+
+    async def set_tenant_budget(self, tenant: str, nano_usd: int | None) -> None:
+        """Set the tenant's monthly cap; ``None`` removes any cap (the configured default included)."""
+        if nano_usd is not None and nano_usd < 0:
+            raise InvalidBudgetError("a budget cannot be negative")
+        await self._redis.hset(_budget_key(tenant), _FIELD, "" if nano_usd is None else str(nano_usd))
+
+    async def reset_tenant_budget(self, tenant: str) -> None:
+        """Go back to the configured default cap."""
+        await self._redis.hdel(_budget_key(tenant), _FIELD)
+
+    def _decode_cap(self, stored: bytes | None) -> tuple[int | None, bool]:
+        if stored is None:
+            return self._default, True
+        return (int(stored) if stored else None), False
+
+    async def _read(self, key: ApiKey, month: str) -> BudgetCheck:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.hget(_budget_key(key.tenant), _FIELD)
+            pipe.hmget(spend_key(key.tenant, month), ["total", f"key:{key.key_id}"])
+            (seconds, micros), cap, (tenant_spent, key_spent) = await pipe.execute()
+        return BudgetCheck(
+            now=seconds + micros / 1_000_000,
+            month=month,
+            tenant_cap=self._decode_cap(cap)[0],
+            tenant_spent=int(tenant_spent or 0),
+            key_cap=key.monthly_budget_nano_usd,
+            key_spent=int(key_spent or 0),
+        )
+
+
+def _budget_key(tenant: str) -> str:
+    return tenant_key(tenant, "budget")

@@ -1,0 +1,210 @@
+"""The spool: bills that could not reach Redis wait in a local append-only file and are replayed later.
+
+A bill is never dropped (RELIABILITY §4.3). When the ledger script fails after redis-py's bounded retries, the
+:class:`UsageRecord` is appended as one JSON line to this process's spool file and fsync'd before the bill counts as
+done. A background task replays the spool through the same script, under the same request id, so a record that had
+in fact reached Redis (a timeout after the write) counts once; the file is deleted only after every line is in.
+
+Several processes may share one spool directory (uvicorn workers, or a pod restarted on the same volume). Each
+writes its own files, named after its pid and start time, and holds an exclusive ``flock`` on the file it appends
+to; a replayer takes the same lock without waiting, so it replays only files nobody is writing, a dead process's
+files included. Before replaying, a process moves on to a new file so its own records can be replayed too.
+
+What remains at risk: records in a spool whose volume is lost, and a line torn by a crash in the middle of the
+append itself (it is skipped, and logged, at replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Final
+
+import anyio.to_thread
+from redis.exceptions import RedisError
+
+from billing.ledger import Ledger, UsageRecord
+
+logger = logging.getLogger(__name__)
+
+SUFFIX: Final = ".jsonl"
+
+
+class Spool:
+    """Append-only spool files in ``directory``; safe to share between threads and processes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file: IO[bytes] | None = None
+        self._serial = 0
+
+    def append(self, record: UsageRecord) -> None:
+        """Append ``record`` durably (flushed and fsync'd). Blocking: call it from a worker thread."""
+        line = json.dumps(dataclasses.asdict(record), separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            file = self._file or self._open_new()
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())
+
+    def seal(self) -> None:
+        """Close this process's current file (releasing its lock), so it can be replayed."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()  # closing releases the flock
+                self._file = None
+
+    def files(self) -> list[Path]:
+        """The spool files in the directory, oldest first."""
+        return sorted(self.directory.glob("*" + SUFFIX), key=_age_key)
+
+    def depth(self) -> tuple[int, float | None]:
+        """How many records wait in the directory, and when the oldest one's request started (Unix seconds)."""
+        count, oldest = 0, None
+        for path in self.files():
+            with contextlib.suppress(OSError):
+                for record in _read(path.read_bytes(), path):
+                    count += 1
+                    oldest = record.started_at if oldest is None else min(oldest, record.started_at)
+        return count, oldest
+
+    @contextlib.contextmanager
+    def claim(self, path: Path) -> Iterator[list[UsageRecord] | None]:
+        """Lock ``path`` without waiting and yield its records; ``None`` if another process holds it. The caller
+        calls :meth:`done` while the claim is held once every record is in the ledger."""
+        try:
+            file = path.open("rb")
+        except FileNotFoundError:  # replayed and deleted meanwhile
+            yield None
+            return
+        with file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield list(_read(file.read(), path))
+
+    @staticmethod
+    def done(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def _open_new(self) -> IO[bytes]:
+        self._serial += 1
+        name = f"spool-{os.getpid()}-{time.time_ns()}-{self._serial}{SUFFIX}"
+        file = (self.directory / name).open("ab")
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        self._file = file
+        return file
+
+
+class DurableLedger:
+    """The ledger as the bill step uses it: a write that cannot reach Redis goes to the spool, never lost.
+
+    Usage::
+
+        durable = DurableLedger(ledger, Spool(Path("var/spool")), replay_interval_seconds=1.0)
+        await durable.record(record)      # never raises for Redis trouble
+        ...
+        await durable.aclose()            # stops the replayer, trying one last replay
+    """
+
+    def __init__(self, ledger: Ledger, spool: Spool, *, replay_interval_seconds: float) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self._interval = replay_interval_seconds
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.spooled_total = 0  # records this process had to spool
+        self.replayed_total = 0  # records this process replayed into the ledger (new or already there)
+
+    async def record(self, record: UsageRecord) -> bool | None:
+        """Bill ``record``: ``True`` if new, ``False`` if its request id was already billed, ``None`` if spooled."""
+        try:
+            return await self.ledger.record(record)
+        except (RedisError, OSError) as exc:
+            logger.warning("ledger unreachable (%r); spooling the bill of %s", exc, record.request_id)
+        await anyio.to_thread.run_sync(self.spool.append, record)
+        self.spooled_total += 1
+        self.start()
+        assert self._wake is not None
+        self._wake.set()
+        return None
+
+    def start(self) -> None:
+        """Start the background replayer (idempotent; needs a running event loop)."""
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._replay_forever(), name="tollgate-spool")
+
+    async def replay(self) -> bool:
+        """Replay every spool file nobody is writing; ``True`` if the spool is now empty of them."""
+        await anyio.to_thread.run_sync(self.spool.seal)
+        complete = True
+        for path in self.spool.files():
+            complete = await self._replay_file(path) and complete
+        return complete
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.spool.files():
+            with contextlib.suppress(RedisError, OSError):
+                await self.replay()
+        self.spool.seal()
+
+    async def _replay_forever(self) -> None:
+        assert self._wake is not None
+        while True:
+            if self.spool.files():
+                try:
+                    await self.replay()
+                except Exception:  # the replayer must outlive any one bad pass; the files stay for the next
+                    logger.exception("spool replay failed; will retry")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            self._wake.clear()
+
+    async def _replay_file(self, path: Path) -> bool:
+        with self.spool.claim(path) as records:
+            if records is None:
+                return False
+            try:
+                for record in records:
+                    await self.ledger.record(record)
+                    self.replayed_total += 1
+            except (RedisError, OSError) as exc:
+                logger.info("spool replay paused, Redis still unreachable: %r", exc)
+                return False
+            self.spool.done(path)
+            logger.info("replayed %d spooled bills from %s", len(records), path.name)
+            return True
+
+
+def _read(data: bytes, path: Path) -> Iterator[UsageRecord]:
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            yield UsageRecord(**json.loads(line))
+        except (ValueError, TypeError):
+            logger.error("skipping a torn or malformed line %d in spool file %s: %r", number, path, line[:200])
+
+
+def _age_key(path: Path) -> tuple[int, str]:
+    try:
+        return path.stat().st_mtime_ns, path.name
+    except OSError:
+        return 0, path.name
