@@ -20,6 +20,14 @@ from billing.keys import (
 from billing.ledger import COUNTER_FIELDS, Ledger, Retention, UsageRecord, hour_bucket, month_of, tenant_key
 from billing.pricing import Price, cost_nano_usd, format_usd, price_of
 from billing.prompts import BuiltinLlama31Template, ChatTemplate, JinjaChatTemplate, PromptCounter, raw_upper_bound
+from billing.reports import (
+    ReportQueryError,
+    UsageQuery,
+    UsageReport,
+    parse_query,
+    parse_time,
+    usage_report,
+)
 from billing.spool import DurableLedger, Spool
 from billing.tokens import (
     ChatTemplateError,
@@ -52,12 +60,15 @@ __all__ = [
     "Ledger",
     "Price",
     "PromptCounter",
+    "ReportQueryError",
     "Retention",
     "Settlement",
     "Spool",
     "Tokenizer",
     "Usage",
+    "UsageQuery",
     "UsageRecord",
+    "UsageReport",
     "check_scopes",
     "check_tenant",
     "cost_nano_usd",
@@ -69,11 +80,14 @@ __all__ = [
     "month_bounds",
     "month_of",
     "parse_key_id",
+    "parse_query",
     "parse_reported_count",
+    "parse_time",
     "parse_usd",
     "price_of",
     "raw_upper_bound",
     "render_chat_prompt",
     "settle_usage",
     "tenant_key",
+    "usage_report",
 ]

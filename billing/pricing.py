@@ -6,7 +6,6 @@ Money is never a float: $0.28 per million prompt tokens is 280 nano-dollars per 
 from __future__ import annotations
 
 import dataclasses
-from decimal import Decimal
 from typing import Final
 
 from config import ModelSettings
@@ -37,5 +36,6 @@ def cost_nano_usd(price: Price, prompt_tokens: int, completion_tokens: int) -> i
 
 
 def format_usd(nano_usd: int) -> str:
-    """Exact dollars as a decimal string, e.g. ``816130`` → ``"0.000816130"``."""
-    return str((Decimal(nano_usd) / NANO_USD_PER_USD).quantize(Decimal("0.000000001")))
+    """Exact dollars with nine decimals by integer arithmetic: ``816130`` → ``"0.000816130"``, 0 → ``"0.000000000"``."""
+    dollars, nano = divmod(abs(nano_usd), NANO_USD_PER_USD)
+    return f"{'-' if nano_usd < 0 else ''}{dollars}.{nano:09d}"

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from config import Settings, load_settings
+from gateway import admin
 from gateway.deps import Dependencies, build_dependencies
 from gateway.endpoints import health, metrics, run_model
 from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, render_error
@@ -46,6 +47,7 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
     routes = []
     for prefix in ("/client/v4", ""):  # the SDK appends /accounts/... to whatever base_url it is given
         routes.append(Route(prefix + "/accounts/{account_id}/ai/run/{model:path}", run_model, methods=["POST"]))
+    routes += admin.routes()
     routes.append(Route("/healthz", health, methods=["GET"]))
     routes.append(Route("/metrics", metrics, methods=["GET"]))
     app = Starlette(

@@ -1,20 +1,42 @@
-"""The ``tollgate`` command: serve, dev, worker-sim and key administration."""
+"""The ``tollgate`` command: serve, dev, worker-sim, and administration (keys, budgets, usage)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from billing import InvalidTenantError, KeyStore, parse_key_id
-from config import SettingsError, load_settings
+from billing import (
+    DEFAULT_SCOPES,
+    SCOPES,
+    ApiKey,
+    Budgets,
+    InvalidBudgetError,
+    InvalidKeySettingError,
+    KeyStore,
+    Ledger,
+    ReportQueryError,
+    check_tenant,
+    format_usd,
+    month_of,
+    parse_key_id,
+    parse_query,
+    parse_time,
+    parse_usd,
+    usage_report,
+)
+from config import Settings, SettingsError, load_settings
 from gateway.deps import build_redis
 from gateway.sim import cli as sim_cli
 
@@ -58,18 +80,70 @@ def _parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(handler=sim_cli.run)
 
-    keys = commands.add_parser("keys", help="manage API keys")
+    admin_commands = [*_add_key_commands(commands), *_add_budget_commands(commands), _add_usage_command(commands)]
+    for sub in admin_commands:
+        sub.add_argument("--redis-url", help="Redis URL (default: redis.url from the config)")
+    return parser
+
+
+def _add_key_commands(commands: Any) -> list[argparse.ArgumentParser]:
+    keys = commands.add_parser("keys", help="manage API keys (talks to Redis directly)")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="create a key and print it once")
     create.add_argument("--tenant", required=True, help="the account id the key belongs to")
     create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=SCOPES,
+        help="a scope the key holds; repeat for several (default: inference and usage:read)",
+    )
+    create.add_argument("--expires-at", help="expiry, ISO 8601 (UTC if no offset) or Unix seconds")
+    create.add_argument("--expires-in", type=float, metavar="SECONDS", help="expiry, in seconds from now")
+    create.add_argument("--monthly-budget-usd", help="the key's own spend cap per calendar month (UTC), e.g. 5.00")
     create.set_defaults(handler=_keys_create)
+    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--tenant", help="only this account's keys")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_keys_list)
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys_revoke)
-    for sub in (create, revoke):
-        sub.add_argument("--redis-url", help="Redis URL (default: redis.url from the config)")
-    return parser
+    rotate = key_commands.add_parser("rotate", help="issue a successor key and retire this one")
+    rotate.add_argument("key_id")
+    rotate.add_argument(
+        "--grace-seconds", type=float, default=0.0, help="keep the old key working this long (default: 0)"
+    )
+    rotate.set_defaults(handler=_keys_rotate)
+    return [create, listing, revoke, rotate]
+
+
+def _add_budget_commands(commands: Any) -> list[argparse.ArgumentParser]:
+    budget = commands.add_parser("budget", help="show or set a tenant's monthly budget")
+    budget_commands = budget.add_subparsers(required=True, metavar="ACTION")
+    show = budget_commands.add_parser("show", help="a tenant's budget and spend this month")
+    show.set_defaults(handler=_budget_show)
+    set_ = budget_commands.add_parser("set", help="set the monthly cap in dollars, or 'none' for no cap")
+    set_.add_argument("usd", help="e.g. 25.00, or none")
+    set_.set_defaults(handler=_budget_set)
+    reset = budget_commands.add_parser("reset", help="go back to the configured default cap")
+    reset.set_defaults(handler=_budget_reset)
+    for sub in (show, set_, reset):
+        sub.add_argument("--tenant", required=True, help="the account id")
+    return [show, set_, reset]
+
+
+def _add_usage_command(commands: Any) -> argparse.ArgumentParser:
+    usage = commands.add_parser("usage", help="usage and spend by hour or day (talks to Redis directly)")
+    usage.add_argument("--tenant", action="append", help="an account id; repeat for several (default: all)")
+    usage.add_argument("--from", dest="since", help="start, ISO 8601 or Unix seconds (default: 24 h / 30 days ago)")
+    usage.add_argument("--to", dest="until", help="end, exclusive (default: now)")
+    usage.add_argument("--granularity", choices=["hour", "day"], default="hour")
+    usage.add_argument("--model", help="only this model")
+    usage.add_argument("--group-by", help="model, tenant or model,tenant")
+    usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    usage.set_defaults(handler=_usage)
+    return usage
 
 
 def _apply_config_option(args: argparse.Namespace) -> None:
@@ -103,47 +177,175 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    async def create() -> int:
-        redis = _redis_for(args)
+    async def create(redis: Redis, settings: Settings) -> int:
+        expires_at = None
+        if args.expires_in is not None:
+            expires_at = time.time() + args.expires_in
+        elif args.expires_at:
+            expires_at = parse_time(args.expires_at, "--expires-at")
+        budget = parse_usd(args.monthly_budget_usd) if args.monthly_budget_usd else None
+        issued = await KeyStore(redis).create(
+            args.tenant,
+            args.name,
+            scopes=args.scope or DEFAULT_SCOPES,
+            expires_at=expires_at,
+            monthly_budget_nano_usd=budget,
+        )
+        _print_record(issued.record)
+        print(f"key:      {issued.secret_key}")
+        print("Store the key now: it is shown once and kept only as a hash.")
+        return 0
+
+    return _run(args, create)
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    async def list_keys(redis: Redis, settings: Settings) -> int:
+        keys = await KeyStore(redis).list_keys(args.tenant)
+        if args.json:
+            print(json.dumps([key.as_dict() for key in keys], indent=2))
+            return 0
+        now = time.time()
+        rows = [("ID", "TENANT", "NAME", "SCOPES", "CREATED", "EXPIRES", "STATE", "BUDGET/MONTH")]
+        for key in keys:
+            state = "revoked" if key.revoked else ("active" if key.usable_at(now) else "expired")
+            budget = "-" if key.monthly_budget_nano_usd is None else "$" + format_usd(key.monthly_budget_nano_usd)
+            expires = _iso(key.expires_at) if key.expires_at else "never"
+            rows.append((key.key_id, key.tenant, key.name, ",".join(sorted(key.scopes)), _iso(key.created_at),
+                         expires, state, budget))  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return 0
+
+    return _run(args, list_keys)
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    async def revoke(redis: Redis, settings: Settings) -> int:
+        if await KeyStore(redis).revoke(args.key_id) is not None:
+            print(f"revoked {args.key_id}")
+            return 0
+        return _no_such_key(args.key_id)
+
+    return _run(args, revoke)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    async def rotate(redis: Redis, settings: Settings) -> int:
+        rotated = await KeyStore(redis).rotate(args.key_id, grace_seconds=args.grace_seconds)
+        if rotated is None:
+            print(f"tollgate: no usable key with id {args.key_id!r} (revoked, expired or unknown)", file=sys.stderr)
+            return 1
+        issued, retired = rotated
+        _print_record(issued.record)
+        print(f"key:      {issued.secret_key}")
+        ending = f"expires at {_iso(retired.expires_at)}" if retired.expires_at and not retired.revoked else "revoked"
+        print(f"The old key {retired.key_id} is {ending}. Store the new key now: it is shown once.")
+        return 0
+
+    return _run(args, rotate)
+
+
+def _budget_show(args: argparse.Namespace) -> int:
+    async def show(redis: Redis, settings: Settings) -> int:
+        tenant = check_tenant(args.tenant)
+        budgets = Budgets(redis, default_monthly_nano_usd=settings.budgets.default_monthly_nano_usd or None)
+        cap, is_default = await budgets.tenant_budget(tenant)
+        month = month_of(time.time())
+        spent = await Ledger(redis).month_spend(tenant, month)
+        limit = "no cap" if cap is None else f"${format_usd(cap)} per month"
+        print(f"tenant:   {tenant}")
+        print(f"budget:   {limit}{' (the configured default)' if is_default else ''}")
+        print(f"spent:    ${format_usd(spent)} in {month[:4]}-{month[4:]} (UTC)")
+        return 0
+
+    return _run(args, show)
+
+
+def _budget_set(args: argparse.Namespace) -> int:
+    async def set_budget(redis: Redis, settings: Settings) -> int:
+        cap = None if args.usd.strip().lower() == "none" else parse_usd(args.usd)
+        await Budgets(redis, default_monthly_nano_usd=None).set_tenant_budget(check_tenant(args.tenant), cap)
+        print(f"{args.tenant}: " + ("no monthly cap" if cap is None else f"${format_usd(cap)} per month (UTC)"))
+        return 0
+
+    return _run(args, set_budget)
+
+
+def _budget_reset(args: argparse.Namespace) -> int:
+    async def reset(redis: Redis, settings: Settings) -> int:
+        await Budgets(redis, default_monthly_nano_usd=None).reset_tenant_budget(check_tenant(args.tenant))
+        print(f"{args.tenant}: back to the configured default budget")
+        return 0
+
+    return _run(args, reset)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    async def usage(redis: Redis, settings: Settings) -> int:
+        tenants = [check_tenant(name) for name in args.tenant] if args.tenant else await KeyStore(redis).tenants()
+        if not tenants:
+            print("tollgate: no tenants yet (create a key first)", file=sys.stderr)
+            return 1
+        given = {"from": args.since, "to": args.until, "model": args.model, "group_by": args.group_by}
+        params = {"granularity": args.granularity, **{name: value for name, value in given.items() if value}}
+        query = parse_query(params, tenants=tenants, now=time.time(), allow_group_by_tenant=True)
+        report = await usage_report(redis, query, models=list(settings.models))
+        if args.format == "json":
+            print(json.dumps(report.as_dict(), indent=2))
+        elif args.format == "csv":
+            sys.stdout.write(report.to_csv())
+        else:
+            print(report.to_table())
+        return 0
+
+    return _run(args, usage)
+
+
+def _run(args: argparse.Namespace, command: Callable[[Redis, Settings], Awaitable[int]]) -> int:
+    """Run an administrative ``command`` against the configured Redis; bad input is a message and exit code 2."""
+
+    async def run() -> int:
+        settings = _settings_for(args)
+        redis = build_redis(settings)
         try:
-            issued = await KeyStore(redis).create(args.tenant, args.name)
-        except InvalidTenantError as exc:
+            return await command(redis, settings)
+        except (InvalidKeySettingError, InvalidBudgetError, ReportQueryError) as exc:
             print(f"tollgate: {exc}", file=sys.stderr)
             return 2
         finally:
             await redis.aclose()
-        print(f"key id:  {issued.record.key_id}")
-        print(f"tenant:  {issued.record.tenant}")
-        print(f"key:     {issued.secret_key}")
-        print("Store the key now: it is shown once and kept only as a hash.")
-        return 0
 
-    return asyncio.run(create())
+    return asyncio.run(run())
 
 
-def _keys_revoke(args: argparse.Namespace) -> int:
-    async def revoke() -> int:
-        redis = _redis_for(args)
-        try:
-            found = await KeyStore(redis).revoke(args.key_id)
-        finally:
-            await redis.aclose()
-        if found:
-            print(f"revoked {args.key_id}")
-            return 0
-        hint = f" (pass the key id, here {parse_key_id(args.key_id)})" if parse_key_id(args.key_id) else ""
-        print(f"tollgate: no key with id {args.key_id!r}{hint}", file=sys.stderr)
-        return 1
-
-    return asyncio.run(revoke())
+def _print_record(record: ApiKey) -> None:
+    print(f"key id:   {record.key_id}")
+    print(f"tenant:   {record.tenant}")
+    print(f"scopes:   {', '.join(sorted(record.scopes))}")
+    if record.expires_at is not None:
+        print(f"expires:  {_iso(record.expires_at)}")
+    if record.monthly_budget_nano_usd is not None:
+        print(f"budget:   ${format_usd(record.monthly_budget_nano_usd)} per month (UTC)")
 
 
-def _redis_for(args: argparse.Namespace) -> Redis:
+def _no_such_key(key_id: str) -> int:
+    hint = f" (pass the key id, here {parse_key_id(key_id)})" if parse_key_id(key_id) else ""
+    print(f"tollgate: no key with id {key_id!r}{hint}", file=sys.stderr)
+    return 1
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
     _apply_config_option(args)
     environ = dict(os.environ)
     if args.redis_url:
         environ["TOLLGATE_REDIS__URL"] = args.redis_url
-    return build_redis(load_settings(environ=environ))
+    return load_settings(environ=environ)
 
 
 if __name__ == "__main__":

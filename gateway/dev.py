@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 from billing import IssuedKey, KeyStore
@@ -36,7 +39,7 @@ def run_dev(*, port: int, tenant: str) -> int:
     # `kill` (SIGTERM) must clean up like Ctrl-C: the children run in their own sessions and would be orphaned.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        with redis_server() as redis_url:
+        with redis_server() as redis_url, tempfile.TemporaryDirectory(prefix="tollgate-dev-") as state:
             workers = []
             for _ in range(2):
                 sim_port = free_port()
@@ -54,7 +57,10 @@ def run_dev(*, port: int, tenant: str) -> int:
                 children.append(sim)
                 workers.append(f"http://127.0.0.1:{sim_port}")
                 wait_for_http(workers[-1] + "/health", sim)
+            admin_token = secrets.token_urlsafe(32)
             env = {
+                "TOLLGATE_ADMIN__TOKEN": admin_token,
+                "TOLLGATE_LEDGER__SPOOL_DIR": str(Path(state) / "spool"),
                 "TOLLGATE_REDIS__URL": redis_url,
                 "TOLLGATE_POOLS__BF16__WORKERS": ",".join(workers),
                 "TOLLGATE_POOLS__FP8__WORKERS": ",".join(workers),
@@ -63,7 +69,7 @@ def run_dev(*, port: int, tenant: str) -> int:
             children.append(gateway)
             wait_for_http(f"http://127.0.0.1:{port}/healthz", gateway)
             issued = asyncio.run(_create_demo_key(redis_url, tenant))
-            _print_banner(port, redis_url, workers, issued)
+            _print_banner(port, redis_url, workers, issued, admin_token)
             _wait_until_a_child_exits(children)
     except ProcessStartError as exc:
         print(f"tollgate dev: {exc}", file=sys.stderr)
@@ -96,7 +102,7 @@ def _wait_until_a_child_exits(children: list[subprocess.Popen[bytes]]) -> None:
         print(f"tollgate dev: {' '.join(map(str, dead.args))} exited; stopping", file=sys.stderr)
 
 
-def _print_banner(port: int, redis_url: str, workers: list[str], issued: IssuedKey) -> None:
+def _print_banner(port: int, redis_url: str, workers: list[str], issued: IssuedKey, admin_token: str) -> None:
     base = f"http://127.0.0.1:{port}"
     account = issued.record.tenant
     url = f"{base}/client/v4/accounts/{account}/ai/run/@cf/meta/llama-3.1-8b-instruct"
@@ -109,6 +115,7 @@ Tollgate is running (Ctrl-C stops everything).
   workers     {", ".join(workers)}   (simulated vLLM)
   account id  {account}
   API key     {issued.secret_key}
+  admin token {admin_token}   (for /admin/v1/*)
 
 Try it:
 
@@ -123,6 +130,11 @@ Streamed:
     -H "Authorization: Bearer {issued.secret_key}" \\
     -H "Content-Type: application/json" \\
     -d '{{"messages": [{{"role": "user", "content": "Hello"}}], "stream": true, "max_tokens": 32}}'
+
+Usage and spend (this key's account, by hour):
+
+  curl -sS {base}/client/v4/accounts/{account}/ai/usage -H "Authorization: Bearer {issued.secret_key}"
+  tollgate usage --redis-url {redis_url} --tenant {account}
 """,
         flush=True,
     )

@@ -176,6 +176,13 @@ def error_body(code: int, message: str) -> dict[str, object]:
     return {"result": None, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
 
 
+def render_result(result: object, status: int = 200) -> Response:
+    """A successful answer in the Workers AI envelope."""
+    payload = {"result": result, "success": True, "errors": [], "messages": []}
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json")
+
+
 def render_error(exc: TollgateError, headers: dict[str, str] | None = None) -> Response:
     """Render ``exc`` as a Workers AI error response: the only code that knows the envelope's HTTP shape."""
     body = json.dumps(error_body(exc.code, exc.message), ensure_ascii=False, separators=(",", ":"))

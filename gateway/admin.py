@@ -1,0 +1,341 @@
+"""Usage reports for tenants, and the admin API for operators: keys, budgets and usage across tenants.
+
+Every answer is a Workers AI envelope (``{"result": ..., "success": true, "errors": [], "messages": []}``), and
+every object a route touches is checked against the caller: a tenant's key reads only its own account's usage
+(another account's path answers 404, as inference does), and the admin routes need the ``admin`` scope or the
+bootstrap admin token.
+
+Routes::
+
+    GET    /client/v4/accounts/{account_id}/ai/usage       a tenant's own usage (scope usage:read); ?format=csv
+    GET    /client/v4/accounts/{account_id}/ai/budget      a tenant's own budget and spend this month (usage:read)
+    GET    /admin/v1/usage                                 usage across tenants (?tenant=a,b&group_by=tenant)
+    GET    /admin/v1/tenants                               every tenant, with budget and spend this month
+    POST   /admin/v1/keys                                  create a key (its secret is in this answer only)
+    GET    /admin/v1/keys?tenant=                          list keys
+    GET    /admin/v1/keys/{key_id}                         one key
+    PATCH  /admin/v1/keys/{key_id}                         set or clear its monthly budget
+    DELETE /admin/v1/keys/{key_id}                         revoke it
+    POST   /admin/v1/keys/{key_id}/rotate                  issue a successor, retire it (now or after a grace)
+    GET    /admin/v1/tenants/{tenant}/budget               a tenant's budget and spend this month
+    PUT    /admin/v1/tenants/{tenant}/budget               set ({"monthly_budget_usd": "25.00"} or null: no cap)
+    DELETE /admin/v1/tenants/{tenant}/budget               back to the configured default
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from billing import (
+    SCOPES,
+    ApiKey,
+    InvalidBudgetError,
+    InvalidKeySettingError,
+    ReportQueryError,
+    check_tenant,
+    format_usd,
+    month_bounds,
+    month_of,
+    parse_query,
+    parse_time,
+    parse_usd,
+    usage_report,
+)
+from gateway.deps import Dependencies
+from gateway.errors import InvalidQueryError, KeyStoreUnavailableError, NotFoundError, render_result
+from gateway.validate import parse_body
+
+
+def routes() -> list[Route]:
+    """The usage and admin routes (the tenant's under both ``/client/v4/accounts/...`` and ``/accounts/...``)."""
+    tenant_routes = []
+    for prefix in ("/client/v4", ""):
+        tenant_routes += [
+            Route(prefix + "/accounts/{account_id}/ai/usage", tenant_usage, methods=["GET"]),
+            Route(prefix + "/accounts/{account_id}/ai/budget", tenant_budget, methods=["GET"]),
+        ]
+    return [
+        *tenant_routes,
+        Route("/admin/v1/usage", admin_usage, methods=["GET"]),
+        Route("/admin/v1/tenants", list_tenants, methods=["GET"]),
+        Route("/admin/v1/keys", create_key, methods=["POST"]),
+        Route("/admin/v1/keys", list_keys, methods=["GET"]),
+        Route("/admin/v1/keys/{key_id}", get_key, methods=["GET"]),
+        Route("/admin/v1/keys/{key_id}", update_key, methods=["PATCH"]),
+        Route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
+        Route("/admin/v1/keys/{key_id}/rotate", rotate_key, methods=["POST"]),
+        Route("/admin/v1/tenants/{tenant}/budget", get_budget, methods=["GET"]),
+        Route("/admin/v1/tenants/{tenant}/budget", set_budget, methods=["PUT"]),
+        Route("/admin/v1/tenants/{tenant}/budget", reset_budget, methods=["DELETE"]),
+    ]
+
+
+# -- a tenant's own ----------------------------------------------------------------------------------------------
+
+
+async def tenant_usage(request: Request) -> Response:
+    deps = _deps(request)
+    key = await deps.auth.authenticate(
+        request.headers, request.path_params["account_id"], request.url.path, scope="usage:read"
+    )
+    return await _usage(request, deps, tenants=[key.tenant], operator=False)
+
+
+async def tenant_budget(request: Request) -> Response:
+    deps = _deps(request)
+    key = await deps.auth.authenticate(
+        request.headers, request.path_params["account_id"], request.url.path, scope="usage:read"
+    )
+    return render_result(await _budget_status(deps, key.tenant, key))
+
+
+# -- operators ---------------------------------------------------------------------------------------------------
+
+
+async def admin_usage(request: Request) -> Response:
+    deps = await _admin(request)
+    named = request.query_params.get("tenant")
+    tenants = [_tenant(name) for name in named.split(",") if name] if named else await _redis(deps.keys.tenants())
+    return await _usage(request, deps, tenants=tenants, operator=True)
+
+
+async def list_tenants(request: Request) -> Response:
+    deps = await _admin(request)
+    tenants = await _redis(deps.keys.tenants())
+    return render_result([await _budget_status(deps, tenant) for tenant in tenants])
+
+
+async def create_key(request: Request) -> Response:
+    deps = await _admin(request)
+    body = parse_body(await request.body())
+    _only(body, {"tenant", "name", "scopes", "expires_at", "expires_in_seconds", "monthly_budget_usd"})
+    tenant = body.get("tenant")
+    if not isinstance(tenant, str):
+        raise InvalidQueryError("'tenant': required, the account id the key belongs to")
+    name = body.get("name", "")
+    scopes = body.get("scopes", ["inference", "usage:read"])
+    if not isinstance(name, str) or len(name) > 200:
+        raise InvalidQueryError("'name': expected a string of at most 200 characters")
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        raise InvalidQueryError(f"'scopes': expected a list of {', '.join(SCOPES)}")
+    try:
+        issued = await _redis(
+            deps.keys.create(
+                tenant,
+                name,
+                scopes=scopes,
+                expires_at=_expiry(body, deps.clock()),
+                monthly_budget_nano_usd=_budget_field(body),
+            )
+        )
+    except InvalidKeySettingError as exc:
+        raise InvalidQueryError(str(exc)) from None
+    return render_result({**issued.record.as_dict(), "key": issued.secret_key}, status=201)
+
+
+async def list_keys(request: Request) -> Response:
+    deps = await _admin(request)
+    tenant = request.query_params.get("tenant")
+    keys = await _redis(deps.keys.list_keys(_tenant(tenant) if tenant else None))
+    return render_result([key.as_dict() for key in keys])
+
+
+async def get_key(request: Request) -> Response:
+    deps = await _admin(request)
+    return render_result((await _key(deps, request)).as_dict())
+
+
+async def update_key(request: Request) -> Response:
+    deps = await _admin(request)
+    key = await _key(deps, request)
+    body = parse_body(await request.body())
+    _only(body, {"monthly_budget_usd"})
+    if "monthly_budget_usd" not in body:
+        raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"5.00\", or null for none)")
+    updated = await _redis(deps.keys.set_budget(key.key_id, _budget_field(body)))
+    if updated is None:
+        raise NotFoundError(f"No key with id {key.key_id}")
+    return render_result(updated.as_dict())
+
+
+async def revoke_key(request: Request) -> Response:
+    deps = await _admin(request)
+    key = await _key(deps, request)
+    revoked = await _redis(deps.keys.revoke(key.key_id))
+    if revoked is None:
+        raise NotFoundError(f"No key with id {key.key_id}")
+    return render_result(revoked.as_dict())
+
+
+async def rotate_key(request: Request) -> Response:
+    deps = await _admin(request)
+    key = await _key(deps, request)
+    raw = await request.body()
+    body = parse_body(raw) if raw.strip() else {}
+    _only(body, {"grace_seconds"})
+    grace = body.get("grace_seconds", 0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 30 * 86400:
+        raise InvalidQueryError("'grace_seconds': expected a number of seconds from 0 to 2592000 (30 days)")
+    rotated = await _redis(deps.keys.rotate(key.key_id, grace_seconds=float(grace)))
+    if rotated is None:
+        raise InvalidQueryError(f"key {key.key_id} is revoked or expired: create a new key instead")
+    issued, retired = rotated
+    return render_result(
+        {"new": {**issued.record.as_dict(), "key": issued.secret_key}, "old": retired.as_dict()}, status=201
+    )
+
+
+async def get_budget(request: Request) -> Response:
+    deps = await _admin(request)
+    return render_result(await _budget_status(deps, _tenant(request.path_params["tenant"])))
+
+
+async def set_budget(request: Request) -> Response:
+    deps = await _admin(request)
+    tenant = _tenant(request.path_params["tenant"])
+    body = parse_body(await request.body())
+    _only(body, {"monthly_budget_usd"})
+    if "monthly_budget_usd" not in body:
+        raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"25.00\", or null for no cap)")
+    await _redis(deps.budgets.set_tenant_budget(tenant, _budget_field(body)))
+    return render_result(await _budget_status(deps, tenant))
+
+
+async def reset_budget(request: Request) -> Response:
+    deps = await _admin(request)
+    tenant = _tenant(request.path_params["tenant"])
+    await _redis(deps.budgets.reset_tenant_budget(tenant))
+    return render_result(await _budget_status(deps, tenant))
+
+
+# -- shared -------------------------------------------------------------------------------------------------------
+
+
+def _deps(request: Request) -> Dependencies:
+    deps: Dependencies = request.app.state.deps
+    return deps
+
+
+async def _admin(request: Request) -> Dependencies:
+    deps = _deps(request)
+    await deps.auth.authenticate_admin(request.headers)
+    return deps
+
+
+async def _redis(awaitable: Any) -> Any:
+    """Await a Redis-backed call; Redis trouble is a 503, never a 500."""
+    try:
+        return await awaitable
+    except RedisError as exc:
+        raise KeyStoreUnavailableError() from exc
+
+
+async def _usage(request: Request, deps: Dependencies, *, tenants: list[str], operator: bool) -> Response:
+    params = dict(request.query_params)
+    output = params.pop("format", "json")
+    if operator:
+        params.pop("tenant", None)
+    if output not in ("json", "csv"):
+        raise InvalidQueryError("'format': expected json or csv")
+    try:
+        query = parse_query(params, tenants=tenants, now=deps.clock(), allow_group_by_tenant=operator)
+    except ReportQueryError as exc:
+        raise InvalidQueryError(str(exc)) from None
+    report = await _redis(usage_report(deps.redis, query, models=list(deps.settings.models)))
+    if output == "csv":
+        filename = f"tollgate-usage-{query.granularity}-{query.start}-{query.end}.csv"
+        return Response(
+            report.to_csv(),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
+    return render_result(report.as_dict())
+
+
+async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = None) -> dict[str, Any]:
+    """A tenant's (and, for a tenant's own request, its key's) cap and spend in the current month (UTC)."""
+    month = month_of(deps.clock())
+    cap, is_default = await _redis(deps.budgets.tenant_budget(tenant))
+    spent = await _redis(deps.ledger.month_spend(tenant, month))
+    status: dict[str, Any] = {
+        "tenant": tenant,
+        "month": f"{month[:4]}-{month[4:]}",
+        "resets_at": _iso(month_bounds(month)[1]),
+        "monthly_budget_nano_usd": cap,
+        "monthly_budget_usd": None if cap is None else format_usd(cap),
+        "budget_is_default": is_default,
+        "spent_nano_usd": spent,
+        "spent_usd": format_usd(spent),
+    }
+    if key is not None:
+        key_spent = await _redis(deps.ledger.month_spend(tenant, month, key.key_id))
+        key_cap = key.monthly_budget_nano_usd
+        status["key"] = {
+            "id": key.key_id,
+            "monthly_budget_nano_usd": key_cap,
+            "monthly_budget_usd": None if key_cap is None else format_usd(key_cap),
+            "spent_nano_usd": key_spent,
+            "spent_usd": format_usd(key_spent),
+        }
+    return status
+
+
+async def _key(deps: Dependencies, request: Request) -> ApiKey:
+    key_id = request.path_params["key_id"]
+    key = await _redis(deps.keys.get(key_id))
+    if key is None:
+        raise NotFoundError(f"No key with id {key_id}")
+    return key
+
+
+def _tenant(name: str) -> str:
+    try:
+        return check_tenant(name)
+    except InvalidKeySettingError as exc:
+        raise InvalidQueryError(str(exc)) from None
+
+
+def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidQueryError(f"'{unknown[0]}': unknown field; expected {', '.join(sorted(allowed))}")
+
+
+def _budget_field(body: Mapping[str, Any]) -> int | None:
+    value = body.get("monthly_budget_usd")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidQueryError("'monthly_budget_usd': expected an amount such as \"25.00\", or null")
+    try:
+        return parse_usd(str(value))
+    except InvalidBudgetError as exc:
+        raise InvalidQueryError(f"'monthly_budget_usd': {exc}") from None
+
+
+def _expiry(body: Mapping[str, Any], now: float) -> float | None:
+    if "expires_at" in body and "expires_in_seconds" in body:
+        raise InvalidQueryError("'expires_at': give either expires_at or expires_in_seconds, not both")
+    seconds = body.get("expires_in_seconds")
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 10 * 366 * 86400:
+            raise InvalidQueryError("'expires_in_seconds': expected a positive number of seconds, at most 10 years")
+        return now + seconds
+    at = body.get("expires_at")
+    if at is None:
+        return None
+    try:
+        return float(parse_time(str(at), "expires_at"))
+    except ReportQueryError as exc:
+        raise InvalidQueryError(str(exc)) from None
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
