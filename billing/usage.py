@@ -8,13 +8,16 @@ costs nothing.
 
 - Prompt tokens: always Tollgate's own count (the workers' chat template and tokenizer, billing/prompts.py). The
   worker's figure is untrusted input (RELIABILITY §7.7); a different one is only counted as a mismatch.
-- Completion tokens: the worker's cumulative count at the last chunk the gateway relayed before the answer ended or
-  was cut (a chunk with no text yet, such as half of a character or a tool-call fragment, counts as relayed when it
-  arrives), bounded by ``max_tokens``. The worker is the only one who knows the tokens it generated, the
-  end-of-turn token included. When it reports nothing, the relayed text is counted with the tokenizer instead.
-  Either way the relayed text is re-counted, and a worker figure further than ``COMPLETION_TOLERANCE`` tokens from
-  it counts as a mismatch (re-tokenizing text can differ from the generated tokens by the end-of-turn token and a
-  split character).
+- Completion tokens: every token the worker generated for the request until it stopped: at the answer's end, when
+  it failed, or when it saw the client leave. (When a streaming client hangs up, the gateway half-closes the worker
+  connection: the worker aborts at once, and the gateway keeps reading what it sent until then, sending nothing
+  more; those last tokens were generated for the client, which may not have received them.) The figure is the
+  worker's cumulative count at the last chunk the gateway read (a chunk with no text yet, such as half of a
+  character or a tool-call fragment, counts when it arrives), bounded by ``max_tokens``. The worker is the only
+  one who knows the tokens it generated, the end-of-turn token included. When it reports nothing, the text read is
+  counted with the tokenizer instead. Either way that text is re-counted, and a worker figure further than
+  ``COMPLETION_TOLERANCE`` tokens from it counts as a mismatch (re-tokenizing text can differ from the generated
+  tokens by the end-of-turn token and a split character).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class Delivery:
     """What the gateway saw of one answer: the facts the billing policy needs.
 
     ``reported_*`` are the worker's numbers (untrusted; ``None`` when absent or malformed), taken from the last
-    chunk that was delivered to the client, or from the final usage report once everything was delivered.
+    chunk the gateway read and passed on (or, once the client was gone, read), or from the final usage report.
     """
 
     answered: bool  # the client got a 200: the stream's headers, or the whole JSON answer

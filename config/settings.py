@@ -87,6 +87,7 @@ class UpstreamSettings:
     max_connections: int = 1024
     max_keepalive_connections: int = 256
     max_response_bytes: int = 8_388_608
+    hang_up_drain_seconds: float = 2.0  # a client left mid-stream: read what the worker sent until it stopped
 
 
 @_frozen

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import IO
 
 import httpx
 
@@ -42,33 +43,32 @@ def is_port_free(port: int) -> bool:
 @contextlib.contextmanager
 def redis_server(port: int | None = None) -> Iterator[str]:
     """A private, memory-only redis-server in a temporary directory; yields its URL and removes it on exit."""
-    if shutil.which("redis-server") is None:
-        raise ProcessStartError(REDIS_INSTALL_HINT)
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="tollgate-redis-")
-    command = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        workdir,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--logfile",
-        os.path.join(workdir, "redis.log"),
-    ]
-    # Its own session: a terminal's Ctrl-C must not stop Redis before the gateway has drained and billed.
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_redis(port, workdir)
     try:
-        _wait_for_redis(port, proc, deadline_seconds=10)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_redis(port: int, workdir: str, *, durable: bool = False) -> subprocess.Popen[bytes]:
+    """Start redis-server on ``port`` with its files in ``workdir`` and wait until it answers. ``durable``: AOF with
+    ``appendfsync always``, so a restart in the same ``workdir`` keeps every acknowledged write."""
+    if shutil.which("redis-server") is None:
+        raise ProcessStartError(REDIS_INSTALL_HINT)
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    command += ["--logfile", os.path.join(workdir, "redis.log")]
+    # Its own session: a terminal's Ctrl-C must not stop Redis before the gateway has drained and billed.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_redis(port, proc, deadline_seconds=10)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
 
 
 def _wait_for_redis(port: int, proc: subprocess.Popen[bytes], deadline_seconds: float) -> None:
@@ -84,10 +84,17 @@ def _wait_for_redis(port: int, proc: subprocess.Popen[bytes], deadline_seconds: 
     raise ProcessStartError(f"redis-server did not answer on port {port} within {deadline_seconds} s")
 
 
-def start_tollgate(args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``tollgate <args>`` with this interpreter, in its own process group."""
+def start_tollgate(
+    args: Sequence[str], env: Mapping[str, str] | None = None, *, log: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``tollgate <args>`` with this interpreter, in its own process group; its output goes to ``log`` if
+    given, else to this process's."""
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args], env={**os.environ, **(env or {})}, start_new_session=True
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
     )
 
 

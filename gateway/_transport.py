@@ -9,6 +9,8 @@ wire work with an ``asyncio.Protocol`` per connection and the C parser from ``ht
   ``max_keepalive_connections`` idle;
 - timeouts from the request (``connect``, ``read`` between two reads, ``pool``), as httpx passes them;
 - closing a response before its end closes the connection, so the worker sees the client leave and aborts;
+  :func:`hang_up` instead half-closes it: the worker aborts just the same, and what it sent until then can still
+  be read (how the gateway bills exactly what a worker generated for a client that left);
 - a request on a reused keep-alive connection that the server closed before answering is retried once on a new
   connection (the server cannot have read it); nothing else is ever retried here;
 - reading pauses while more than ``_HIGH_WATER_BYTES`` wait unread.
@@ -28,6 +30,7 @@ import httpx
 
 _HIGH_WATER_BYTES: Final = 256 * 1024
 _Origin = tuple[bytes, bytes, int]
+_HANG_UP: Final = "tollgate.hang_up"  # response extension: half-closes the connection (see hang_up)
 
 
 class _StaleConnectionError(Exception):
@@ -53,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._hung_up = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
 
@@ -102,7 +106,9 @@ class _Connection(asyncio.Protocol):
     @property
     def is_usable(self) -> bool:
         """Idle, open, and with nothing unexpected received."""
-        return self.transport is not None and not self.transport.is_closing() and self._error is None
+        return (
+            self.transport is not None and not self.transport.is_closing() and self._error is None and not self._hung_up
+        )
 
     @property
     def can_keep_alive(self) -> bool:
@@ -136,6 +142,18 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def half_close(self) -> bool:
+        """Send end-of-input while keeping the read side open; ``False`` (and closed) where that is impossible."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._is_complete:
+            return False
+        self._hung_up = True
+        if not transport.can_write_eof():
+            transport.close()
+            return False
+        transport.write_eof()
+        return True
 
     async def _wait(self, timeout_seconds: float | None) -> None:
         if self._error is not None:
@@ -182,6 +200,9 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._finish()
 
+    def hang_up(self) -> bool:
+        return self._connection.half_close()
+
     def _finish(self) -> None:
         if not self._is_done:
             self._is_done = True
@@ -218,7 +239,8 @@ class WorkerTransport(httpx.AsyncBaseTransport):
             self._slots.release()
             raise
         stream = _ResponseStream(self, connection, timeouts.get("read"))
-        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+        extensions = {"http_version": b"HTTP/1.1", _HANG_UP: stream.hang_up}
+        return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
 
     async def aclose(self) -> None:
         for connections in self._idle.values():
@@ -281,6 +303,14 @@ class WorkerTransport(httpx.AsyncBaseTransport):
             self._idle_count += 1
         else:
             connection.close()
+
+
+def hang_up(response: httpx.Response) -> bool:
+    """Half-close the connection of a streaming ``response`` from :class:`WorkerTransport`: the worker sees the
+    client leave and stops, while the rest of what it already sent stays readable. ``False`` if the response is not
+    one of ours or cannot be half-closed (then reading it ends soon, or the caller should close it)."""
+    half_close = response.extensions.get(_HANG_UP)
+    return bool(half_close()) if half_close is not None else False
 
 
 def _origin(url: httpx.URL) -> _Origin:

@@ -31,7 +31,7 @@ from billing import (
 from config import ModelSettings, Settings
 from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
-from gateway.observe import GatewayMetrics
+from gateway.observe import GatewayMetrics, SpoolCollector
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
 
@@ -132,6 +132,13 @@ def build_dependencies(
     if tokenizer is None:
         path = settings.tokenizer.path
         tokenizer = Tokenizer.from_file(Path(path)) if path else Tokenizer.default()
+    durable_ledger = DurableLedger(
+        ledger,
+        Spool(Path(settings.ledger.spool_dir)),
+        replay_interval_seconds=settings.ledger.spool_replay_interval_seconds,
+    )
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SpoolCollector(durable_ledger))
     return Dependencies(
         settings=settings,
         http=build_http_client(settings),
@@ -141,15 +148,11 @@ def build_dependencies(
             keys, cache_ttl_seconds=settings.auth.cache_ttl_seconds, clock=clock, admin_token=settings.admin.token
         ),
         ledger=ledger,
-        durable_ledger=DurableLedger(
-            ledger,
-            Spool(Path(settings.ledger.spool_dir)),
-            replay_interval_seconds=settings.ledger.spool_replay_interval_seconds,
-        ),
+        durable_ledger=durable_ledger,
         budgets=Budgets(redis, default_monthly_nano_usd=settings.budgets.default_monthly_nano_usd or None),
         tokenizer=tokenizer,
         counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
-        metrics=GatewayMetrics(CollectorRegistry(auto_describe=True)),
+        metrics=GatewayMetrics(registry),
         schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
         forbidden_text=(
             special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None

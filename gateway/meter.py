@@ -1,8 +1,9 @@
-"""Step 6, meter: what of a worker's answer reached the client.
+"""Step 6, meter: what of a worker's answer the gateway received and passed on.
 
 The relay reports every usage figure the worker sends (:meth:`Meter.observe_usage`) and every piece of output it
-delivered (:meth:`Meter.delivered`). Only usage seen *up to the last delivered piece* counts, so a stream cut by the
-client or the worker is billed for what was delivered. :meth:`Meter.delivery` hands the facts to the billing policy.
+has dealt with (:meth:`Meter.delivered`: sent to the client, or read after the client left). Only usage seen *up to
+the last such piece* counts, so a stream cut by the worker is billed for what the worker sent before the cut.
+:meth:`Meter.delivery` hands the facts to the billing policy (billing/usage.py).
 """
 
 from __future__ import annotations

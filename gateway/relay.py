@@ -1,10 +1,16 @@
 """Step 5, relay: send an admitted job to a worker and bring its answer back in Workers AI shape.
 
 :class:`Relay` is the ASGI app that owns one request from the worker call to the bill. It watches for the client
-going away the whole time (an ``http.disconnect`` cancels the work at once and closes the upstream connection, so
-the worker aborts the generation), retries another worker only before any byte was sent, and bills from one
-shielded ``finally`` whatever happened: success, worker failure, timeout, client disconnect or shutdown
-(RELIABILITY §4.1: never from a background task or from code after the loop).
+going away the whole time, retries another worker only before any byte was sent, and bills from one shielded
+``finally`` whatever happened: success, worker failure, timeout, client disconnect or shutdown (RELIABILITY §4.1:
+never from a background task or from code after the loop).
+
+When a streaming client hangs up, the relay hangs up on the worker at once, by half-closing the connection: the
+worker sees its client leave and aborts the generation, exactly as on a close, while what it sent before it noticed
+can still be read. The relay reads it (sending nothing more) until the worker closes, for at most
+``upstream.hang_up_drain_seconds``, so the bill holds every token the worker generated for the request (the billing
+policy, billing/usage.py). Before the stream started, or where half-closing is impossible, the work is cancelled
+and the connection closed instead.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import httpx
 from httpx_sse import EventSource, SSEError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from billing import (
     Usage,
@@ -31,6 +37,7 @@ from billing import (
     settle_usage,
 )
 from gateway import _answers, _sse
+from gateway._transport import hang_up
 from gateway.admit import Admission, count_prompt_async
 from gateway.errors import (
     InvalidRequestError,
@@ -126,6 +133,7 @@ class Relay:
         self.meter = Meter(job.max_tokens)
         self.status = "ok"
         self._complete = False
+        self._client_gone = False
         self._usage: Usage | None = None
         self._response: httpx.Response | None = None
         self._exits = contextlib.ExitStack()
@@ -133,9 +141,14 @@ class Relay:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cancel = anyio.CancelScope()
         watcher = asyncio.create_task(self._watch_disconnect(receive, cancel))
+
+        async def send_while_connected(message: Message) -> None:
+            if not self._client_gone:
+                await send(message)
+
         try:
             with cancel:
-                await (self._stream(send) if self.job.stream else self._respond(send))
+                await (self._stream(send_while_connected) if self.job.stream else self._respond(send_while_connected))
         except TollgateError as exc:
             self.status = _status_of(exc)
             raise
@@ -156,8 +169,14 @@ class Relay:
     async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self._complete:
-            self.status = "client_disconnected"
+        if self._complete:
+            return
+        self.status = "client_disconnected"
+        self._client_gone = True
+        if self.job.stream and self._response is not None and hang_up(self._response):
+            # The worker stops by itself now; the stream reads what it sent meanwhile, within the drain deadline.
+            cancel.deadline = anyio.current_time() + self.deps.settings.upstream.hang_up_drain_seconds
+        else:
             cancel.cancel()
 
     # -- the worker call ------------------------------------------------------------------------------------
@@ -238,6 +257,8 @@ class Relay:
                 if not await self._pump(response, send, tool_calls):
                     raise UpstreamError("The inference worker closed the stream before it was complete")
         except UpstreamError as exc:
+            if self._client_gone:
+                return  # the worker closed because the gateway hung up on it: everything it sent is counted
             self.status = _status_of(exc)
             logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
             self._complete = True
@@ -272,7 +293,8 @@ class Relay:
             if text:
                 await send(_more(_sse.content_frame(text, with_tool_calls=with_tool_calls, rng=rng)))
             # A chunk without text (half a character, a tool-call fragment) has nothing to wait for: its tokens
-            # count as relayed now, as the worker generated them before any cut that may follow.
+            # count now, as the worker generated them before any cut that may follow. Once the client is gone,
+            # sending does nothing and every chunk still arriving counts.
             self.meter.delivered(text)
         return False
 

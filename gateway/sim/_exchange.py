@@ -118,8 +118,11 @@ class Exchange:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def send_body(self, body: bytes, *, more_body: bool) -> bool:
-        """Hand ``body`` to the server unless the client is already gone; False when it was not sent."""
-        if self.watch.is_gone:
+        """Hand ``body`` to the server unless the client is already gone; False when it was not sent.
+
+        The server may know before the app does (uvicorn marks its request cycle ``disconnected`` when the connection
+        is lost, and drops whatever is sent after that): a frame counts as served only if it really went out."""
+        if self.watch.is_gone or getattr(_server_cycle(self.scope.get(RAW_SEND_SCOPE_KEY)), "disconnected", False):
             return False
         await self.send({"type": "http.response.body", "body": body, "more_body": more_body})
         return True
@@ -147,6 +150,10 @@ class Exchange:
         # uvicorn marks the cycle disconnected in connection_lost, a loop turn later; returning before that would
         # make it complain that the app returned without a response.
         await self.watch.wait_gone(_DROP_WAIT_SECONDS)
+
+
+def _server_cycle(send: Any) -> Any:
+    return getattr(send, "__self__", None)
 
 
 def _transport_of(send: Any) -> Any:
