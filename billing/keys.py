@@ -74,7 +74,7 @@ class ApiKey:
             "name": self.name,
             "scopes": sorted(self.scopes),
             "created_at": round(self.created_at, 3),
-            "expires_at": self.expires_at,
+            "expires_at": None if self.expires_at is None else round(self.expires_at, 3),
             "revoked": self.revoked,
             "monthly_budget_nano_usd": self.monthly_budget_nano_usd,
         }

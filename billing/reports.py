@@ -129,8 +129,6 @@ def parse_query(
     unknown = sorted(set(params) - set(_PARAMETERS))
     if unknown:
         raise ReportQueryError(f"{unknown[0]!r}: unknown parameter; expected one of {', '.join(_PARAMETERS)}")
-    if not tenants:
-        raise ValueError("a usage query needs at least one tenant")
     spec = _parse_granularity(params.get("granularity", "hour"))
     start, end = _parse_range(params.get("from"), params.get("to"), spec, now)
     return UsageQuery(

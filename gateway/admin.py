@@ -102,7 +102,12 @@ async def tenant_budget(request: Request) -> Response:
 async def admin_usage(request: Request) -> Response:
     deps = await _admin(request)
     named = request.query_params.get("tenant")
-    tenants = [_tenant(name) for name in named.split(",") if name] if named else await _redis(deps.keys.tenants())
+    if named is None:
+        tenants = await _redis(deps.keys.tenants())  # none yet on a new install: a report of zeros
+    else:
+        tenants = [_tenant(name) for name in named.split(",") if name]
+        if not tenants:
+            raise InvalidQueryError("'tenant': expected one or more account ids, comma-separated")
     return await _usage(request, deps, tenants=tenants, operator=True)
 
 
@@ -332,9 +337,12 @@ def _expiry(body: Mapping[str, Any], now: float) -> float | None:
     if at is None:
         return None
     try:
-        return float(parse_time(str(at), "expires_at"))
+        expires_at = float(parse_time(str(at), "expires_at"))
     except ReportQueryError as exc:
         raise InvalidQueryError(str(exc)) from None
+    if expires_at <= now:
+        raise InvalidQueryError("'expires_at': must lie in the future")
+    return expires_at
 
 
 def _iso(timestamp: float) -> str:

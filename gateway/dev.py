@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +104,13 @@ def _wait_until_a_child_exits(children: list[subprocess.Popen[bytes]]) -> None:
         print(f"tollgate dev: {' '.join(map(str, dead.args))} exited; stopping", file=sys.stderr)
 
 
+def _tollgate_command() -> str:
+    """How to run ``tollgate`` from this shell: by name if it is on PATH, else by its path in this environment."""
+    if shutil.which("tollgate"):
+        return "tollgate"
+    return os.path.relpath(Path(sys.executable).parent / "tollgate")
+
+
 def _print_banner(port: int, redis_url: str, workers: list[str], issued: IssuedKey, admin_token: str) -> None:
     base = f"http://127.0.0.1:{port}"
     account = issued.record.tenant
@@ -134,7 +143,7 @@ Streamed:
 Usage and spend (this key's account, by hour):
 
   curl -sS {base}/client/v4/accounts/{account}/ai/usage -H "Authorization: Bearer {issued.secret_key}"
-  tollgate usage --redis-url {redis_url} --tenant {account}
+  {_tollgate_command()} usage --redis-url {redis_url} --tenant {account}
 """,
         flush=True,
     )

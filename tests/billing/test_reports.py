@@ -439,9 +439,10 @@ def test_parse_query_accepts_the_longest_ranges() -> None:
     assert (daily.end - daily.start) // DAY == 1098
 
 
-def test_parse_query_needs_a_tenant() -> None:
-    with pytest.raises(ValueError, match="at least one tenant"):
-        parse_query({}, tenants=[], now=NOW, allow_group_by_tenant=False)
+async def test_usage_report_of_no_tenants_is_zeros(usage: Redis) -> None:
+    query = parse_query({}, tenants=[], now=NOW, allow_group_by_tenant=True)
+    report = await usage_report(usage, query, models=[MODEL])
+    assert len(report.buckets) == 24 and report.totals.requests == 0
 
 
 @pytest.mark.parametrize(
