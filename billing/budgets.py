@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
 from typing import Final, Literal
 
 from redis.asyncio import Redis
 
 from billing.keys import ApiKey
 from billing.ledger import month_of, spend_key, tenant_key
-from billing.pricing import NANO_USD_PER_USD
 
 _FIELD: Final = "monthly_nano_usd"
+# Wide enough for any int64 amount, and loud about anything inexact.
+_EXACT: Final = Context(prec=60, traps=[Inexact, Overflow, Underflow, InvalidOperation])
+_MAX_USD: Final = Decimal(2**63 - 1).scaleb(-9)
 
 
 class InvalidBudgetError(ValueError):
@@ -36,14 +38,23 @@ class InvalidBudgetError(ValueError):
 
 
 def parse_usd(text: str) -> int:
-    """Exact dollars (``"25"``, ``"0.50"``) to nano-dollars."""
+    """Exact dollars (``"25"``, ``"0.50"``) to nano-dollars: at most 9 decimal places, and at most what a Redis
+    counter holds (a signed 64-bit number of nano-dollars)."""
     try:
-        value = Decimal(text.strip()) * NANO_USD_PER_USD
+        amount = Decimal(text.strip())
     except InvalidOperation:
         raise InvalidBudgetError(f"expected an amount of dollars such as 25.00, got {text!r}") from None
-    if not value.is_finite() or value < 0 or value != value.to_integral_value():
-        raise InvalidBudgetError(f"expected a non-negative amount with at most 9 decimal places, got {text!r}")
-    return int(value)
+    if not amount.is_finite() or amount < 0:
+        raise InvalidBudgetError(f"expected a non-negative amount of dollars, got {text!r}")
+    if amount > _MAX_USD:
+        raise InvalidBudgetError(f"amounts above ${_MAX_USD} cannot be counted, got {text!r}")
+    try:
+        nano = amount.scaleb(9, _EXACT)
+        if nano != nano.to_integral_value(context=_EXACT):
+            raise Inexact
+    except ArithmeticError:  # Inexact, Underflow: digits below a nano-dollar
+        raise InvalidBudgetError(f"expected at most 9 decimal places, got {text!r}") from None
+    return int(nano)
 
 
 def month_bounds(month: str) -> tuple[float, float]:

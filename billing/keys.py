@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -141,8 +142,8 @@ class KeyStore:
             expires_at=expires_at,
             monthly_budget_nano_usd=_check_budget(monthly_budget_nano_usd),
         )
-        if expires_at is not None and expires_at <= record.created_at:
-            raise InvalidKeySettingError("the expiry must lie in the future")
+        if expires_at is not None and not (math.isfinite(expires_at) and expires_at > record.created_at):
+            raise InvalidKeySettingError("the expiry must be a time in the future")
         while True:  # 60 random bits name a key: a clash is unlikely, but must never overwrite another key
             key_id = "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(12))
             secret_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
@@ -204,6 +205,8 @@ class KeyStore:
         """Issue a successor of ``key_id`` (same tenant, name, scopes, expiry and budget) and retire the old key:
         revoked at once, or expiring after ``grace_seconds`` so that clients can switch over. ``None`` if there is
         no usable key with that id."""
+        if not (math.isfinite(grace_seconds) and grace_seconds >= 0):
+            raise InvalidKeySettingError(f"grace must be a finite number of seconds >= 0, not {grace_seconds}")
         old = await self.get(key_id)
         now = self._clock()
         if old is None or not old.usable_at(now):

@@ -10,6 +10,9 @@ writes its own files, named after its pid and start time, and holds an exclusive
 to; a replayer takes the same lock without waiting, so it replays only files nobody is writing, a dead process's
 files included. Before replaying, a process moves on to a new file so its own records can be replayed too.
 
+A record the ledger script itself refuses (impossible numbers: a bug, not an outage) is never retried: it is set
+aside in a ``.rejected`` file beside the spool, and logged, so the bills after it are not held back.
+
 What remains at risk: records in a spool whose volume is lost, and a line torn by a crash in the middle of the
 append itself (it is skipped, and logged, at replay).
 """
@@ -30,13 +33,14 @@ from pathlib import Path
 from typing import IO, Final
 
 import anyio.to_thread
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from billing.ledger import Ledger, UsageRecord
 
 logger = logging.getLogger(__name__)
 
 SUFFIX: Final = ".jsonl"
+REJECTED_SUFFIX: Final = ".rejected"  # records the ledger script refuses: kept for an operator, never replayed
 
 
 class Spool:
@@ -100,11 +104,21 @@ class Spool:
     def done(path: Path) -> None:
         path.unlink(missing_ok=True)
 
+    def reject(self, record: UsageRecord, reason: str) -> None:
+        """Set aside a record the ledger refuses (a bug, not an outage): kept for an operator, never replayed."""
+        line = json.dumps({"reason": reason, "record": dataclasses.asdict(record)}, separators=(",", ":")) + "\n"
+        with self._lock, (self.directory / f"spool-{os.getpid()}{REJECTED_SUFFIX}").open("a") as file:
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())
+
     def _open_new(self) -> IO[bytes]:
         self._serial += 1
-        name = f"spool-{os.getpid()}-{time.time_ns()}-{self._serial}{SUFFIX}"
-        file = (self.directory / name).open("ab")
+        name = f"spool-{os.getpid()}-{time.time_ns()}-{self._serial}"
+        # Locked before it gets the name replayers look for: none can claim (and delete) it in between.
+        file = (self.directory / (name + ".tmp")).open("ab")
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        os.rename(self.directory / (name + ".tmp"), self.directory / (name + SUFFIX))
         self._file = file
         return file
 
@@ -133,6 +147,12 @@ class DurableLedger:
         """Bill ``record``: ``True`` if new, ``False`` if its request id was already billed, ``None`` if spooled."""
         try:
             return await self.ledger.record(record)
+        except ResponseError as exc:
+            if is_refusal(exc):
+                logger.error("the ledger refuses the bill of %s (%s): set aside: %r", record.request_id, exc, record)
+                await anyio.to_thread.run_sync(self.spool.reject, record, str(exc))
+                return None
+            logger.warning("ledger cannot write now (%r); spooling the bill of %s", exc, record.request_id)
         except (RedisError, OSError) as exc:
             logger.warning("ledger unreachable (%r); spooling the bill of %s", exc, record.request_id)
         await anyio.to_thread.run_sync(self.spool.append, record)
@@ -159,8 +179,7 @@ class DurableLedger:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # never raises: a cancellation of our caller still reaches it
             self._task = None
         if self.spool.files():
             with contextlib.suppress(RedisError, OSError):
@@ -176,7 +195,8 @@ class DurableLedger:
                 except Exception:  # the replayer must outlive any one bad pass; the files stay for the next
                     logger.exception("spool replay failed; will retry")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                async with asyncio.timeout(self._interval):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _replay_file(self, path: Path) -> bool:
@@ -185,7 +205,13 @@ class DurableLedger:
                 return False
             try:
                 for record in records:
-                    await self.ledger.record(record)
+                    try:
+                        await self.ledger.record(record)
+                    except ResponseError as exc:
+                        if not is_refusal(exc):
+                            raise
+                        logger.error("the ledger refuses spooled bill %s (%s): set aside", record.request_id, exc)
+                        await anyio.to_thread.run_sync(self.spool.reject, record, str(exc))
                     self.replayed_total += 1
             except (RedisError, OSError) as exc:
                 logger.info("spool replay paused, Redis still unreachable: %r", exc)
@@ -193,6 +219,12 @@ class DurableLedger:
             self.spool.done(path)
             logger.info("replayed %d spooled bills from %s", len(records), path.name)
             return True
+
+
+def is_refusal(exc: ResponseError) -> bool:
+    """The ledger script refused the record itself (bad numbers): retrying can never help. Other error replies
+    (a read-only replica during failover, out of memory, loading) pass, and the record is retried."""
+    return "tollgate ledger" in str(exc)
 
 
 def _read(data: bytes, path: Path) -> Iterator[UsageRecord]:

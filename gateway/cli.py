@@ -240,8 +240,11 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         issued, retired = rotated
         _print_record(issued.record)
         print(f"key:      {issued.secret_key}")
-        ending = f"expires at {_iso(retired.expires_at)}" if retired.expires_at and not retired.revoked else "revoked"
-        print(f"The old key {retired.key_id} is {ending}. Store the new key now: it is shown once.")
+        if retired.expires_at is not None and not retired.revoked:
+            print(f"The old key {retired.key_id} expires at {_iso(retired.expires_at)}.")
+        else:
+            print(f"The old key {retired.key_id} is revoked.")
+        print("Store the new key now: it is shown once.")
         return 0
 
     return _run(args, rotate)
@@ -297,7 +300,7 @@ def _usage(args: argparse.Namespace) -> int:
         elif args.format == "csv":
             sys.stdout.write(report.to_csv())
         else:
-            print(report.to_table())
+            sys.stdout.write(report.to_table())
         return 0
 
     return _run(args, usage)
