@@ -8,8 +8,8 @@ with ``spent + its maximum cost <= cap``, and so a month can end above the cap b
 requests that were in flight together when it was reached: concurrent requests * window tokens * completion price
 in the worst case, about $0.0066 per concurrent request for the 8b model. Concurrency limits (per key) bound it.
 
-The admission check is one Redis round trip (a pipeline) that also reads Redis ``TIME``: the request's timestamp,
-which dates its bill. Redis layout::
+The admission check is one Redis round trip (a read-only Lua script) that also reads Redis ``TIME``: the request's
+timestamp, which dates its bill. Redis layout::
 
     tg:{<tenant>}:budget          hash: monthly_nano_usd (absent: the configured default)
     tg:{<tenant>}:spend:m:<YYYYMM>  written by the ledger (billing/ledger.py)
@@ -28,6 +28,14 @@ from billing.keys import ApiKey
 from billing.ledger import month_of, spend_key, tenant_key
 
 _FIELD: Final = "monthly_nano_usd"
+# KEYS: the tenant's budget hash, its spend hash for the month. ARGV: the key's field in the spend hash.
+# Returns Redis TIME (seconds, microseconds), the tenant's cap (nil: the default, "": none) and both spends.
+_CHECK_SCRIPT: Final = """
+local now = redis.call('TIME')
+local cap = redis.call('HGET', KEYS[1], 'monthly_nano_usd')
+local spent = redis.call('HMGET', KEYS[2], 'total', ARGV[1])
+return {now[1], now[2], cap, spent[1], spent[2]}
+"""
 # Wide enough for any int64 amount, and loud about anything inexact.
 _EXACT: Final = Context(prec=60, traps=[Inexact, Overflow, Underflow, InvalidOperation])
 _MAX_USD: Final = Decimal(2**63 - 1).scaleb(-9)
@@ -94,6 +102,7 @@ class Budgets:
     def __init__(self, redis: Redis, *, default_monthly_nano_usd: int | None) -> None:
         self._redis = redis
         self._default = default_monthly_nano_usd
+        self._check = redis.register_script(_CHECK_SCRIPT)
 
     async def check(self, key: ApiKey, now_hint: float) -> BudgetCheck:
         """Read Redis ``TIME`` with the tenant's and the key's caps and spend for the current month.
@@ -125,13 +134,10 @@ class Budgets:
         return (int(stored) if stored else None), False
 
     async def _read(self, key: ApiKey, month: str) -> BudgetCheck:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.hget(_budget_key(key.tenant), _FIELD)
-            pipe.hmget(spend_key(key.tenant, month), ["total", f"key:{key.key_id}"])
-            (seconds, micros), cap, (tenant_spent, key_spent) = await pipe.execute()
+        keys = [_budget_key(key.tenant), spend_key(key.tenant, month)]
+        seconds, micros, cap, tenant_spent, key_spent = await self._check(keys=keys, args=[f"key:{key.key_id}"])
         return BudgetCheck(
-            now=seconds + micros / 1_000_000,
+            now=int(seconds) + int(micros) / 1_000_000,
             month=month,
             tenant_cap=self._decode_cap(cap)[0],
             tenant_spent=int(tenant_spent or 0),
