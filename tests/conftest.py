@@ -20,7 +20,7 @@ import uvicorn
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.types import ASGIApp
 
-from billing import ApiKey, IssuedKey, Tokenizer
+from billing import ApiKey, IssuedKey, Tokenizer, UsageRecord
 from config import Settings, load_settings
 from gateway import Dependencies, build_dependencies, create_app
 from gateway._processes import free_port, redis_server as start_redis_server
@@ -51,6 +51,42 @@ WEATHER_TOOL = {
         "properties": {"city": {"type": "string", "description": "City name"}},
     },
 }
+
+
+# The columns of a usage report's CSV (billing/reports.py), spelled out as a user's spreadsheet would expect them.
+USAGE_CSV_COLUMNS = [
+    "start",
+    "end",
+    "model",
+    "tenant",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_nano_usd",
+    "cost_usd",
+    "errors",
+]
+
+
+def usage_record(request_id: str = "req-1", tenant: str = "acct-a", **changes: Any) -> UsageRecord:
+    """A bill: 1,234 prompt and 567 completion tokens of the 8b model (816,130 nano-dollars at 280 and 830 per token),
+    started 2025-11-22 02:00:00.5 UTC; ``changes`` replace any field. The cost follows the tokens unless given."""
+    prompt = changes.get("prompt_tokens", 1234)
+    completion = changes.get("completion_tokens", 567)
+    record = UsageRecord(
+        request_id=request_id,
+        tenant=tenant,
+        key_id="keyid",
+        model=MODEL,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_nano_usd=280 * prompt + 830 * completion,
+        status="ok",
+        started_at=1_763_776_800.5,
+        duration_seconds=1.25,
+    )
+    return dataclasses.replace(record, **changes)
 
 
 @pytest.fixture(scope="session")

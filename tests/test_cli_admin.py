@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import datetime as dt
 import io
 import itertools
@@ -22,7 +21,8 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from billing import Budgets, KeyStore, Ledger, UsageRecord, hash_key, month_of
+from billing import Budgets, KeyStore, Ledger, hash_key, month_of
+from tests.conftest import USAGE_CSV_COLUMNS, usage_record
 
 TOLLGATE = [sys.executable, "-m", "gateway.cli"]
 MODEL = "@cf/meta/llama-3.1-8b-instruct"
@@ -55,22 +55,6 @@ def field(stdout: str, label: str) -> str:
     match = re.search(rf"^{re.escape(label)}:\s+(.*)$", stdout, re.MULTILINE)
     assert match is not None, f"no {label!r} line in:\n{stdout}"
     return match.group(1)
-
-
-def make_record(request_id: str, tenant: str, started_at: float, **changes: object) -> UsageRecord:
-    record = UsageRecord(
-        request_id=request_id,
-        tenant=tenant,
-        key_id="keyid",
-        model=MODEL,
-        prompt_tokens=1234,
-        completion_tokens=567,
-        cost_nano_usd=816_130,
-        status="ok",
-        started_at=started_at,
-        duration_seconds=1.0,
-    )
-    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 async def test_cli_keys_create_prints_the_settings_and_a_key_that_works(redis: Redis, redis_url: str) -> None:
@@ -200,9 +184,9 @@ async def test_cli_keys_rotate_with_grace_says_when_the_old_key_expires_in_plain
 async def test_cli_budget_set_show_and_reset(redis: Redis, redis_url: str) -> None:
     now = time.time()
     ledger = Ledger(redis)
-    await ledger.record(make_record("r1", "acct-a", now))
-    await ledger.record(make_record("r2", "acct-a", now, cost_nano_usd=1))
-    await ledger.record(make_record("r3", "acct-b", now, cost_nano_usd=999))  # another tenant's
+    await ledger.record(usage_record("r1", "acct-a", started_at=now))
+    await ledger.record(usage_record("r2", "acct-a", started_at=now, cost_nano_usd=1))
+    await ledger.record(usage_record("r3", "acct-b", started_at=now, cost_nano_usd=999))  # another tenant's
     month = month_of(now)
     default = {"TOLLGATE_BUDGETS__DEFAULT_MONTHLY_NANO_USD": "3000000000"}
     await Budgets(redis, default_monthly_nano_usd=None).set_tenant_budget("acct-d", 1)
@@ -236,13 +220,13 @@ async def test_cli_budget_set_show_and_reset(redis: Redis, redis_url: str) -> No
 async def test_cli_usage_reports_exact_numbers_as_json_csv_and_table(redis: Redis, redis_url: str) -> None:
     day = int(time.time()) // 86400 * 86400 - 2 * 86400  # the day before yesterday, UTC
     ledger = Ledger(redis)
-    await ledger.record(make_record("r1", "acct-a", day + 2 * 3600 + 0.5))
+    await ledger.record(usage_record("r1", "acct-a", started_at=day + 2 * 3600 + 0.5))
     failed = {"model": FP8_MODEL, "prompt_tokens": 100, "completion_tokens": 0, "cost_nano_usd": 7_500}
-    await ledger.record(make_record("r2", "acct-a", day + 2 * 3600 + 1800, status="upstream_error", **failed))
+    await ledger.record(usage_record("r2", "acct-a", started_at=day + 7200 + 1800, status="upstream_error", **failed))
     small = {"prompt_tokens": 1, "completion_tokens": 2, "cost_nano_usd": 1_000_000_001}
-    await ledger.record(make_record("r3", "acct-a", day + 3 * 3600 + 600, **small))
-    await ledger.record(make_record("r4", "acct-b", day + 2 * 3600 + 900))
-    await ledger.record(make_record("r5", "acct-b", day + 86400 + 60))  # the next day: outside every range below
+    await ledger.record(usage_record("r3", "acct-a", started_at=day + 3 * 3600 + 600, **small))
+    await ledger.record(usage_record("r4", "acct-b", started_at=day + 2 * 3600 + 900))
+    await ledger.record(usage_record("r5", "acct-b", started_at=day + 86400 + 60))  # the next day: outside all ranges
     for tenant in ("acct-a", "acct-b"):
         await KeyStore(redis).create(tenant)  # 'usage' without --tenant reports every tenant with a key
     hours = f"--from {iso(day + 2 * 3600)} --to {iso(day + 4 * 3600)}"
@@ -308,18 +292,7 @@ async def test_cli_usage_reports_exact_numbers_as_json_csv_and_table(redis: Redi
     assert {(row["start"], row["end"]) for row in rows} == {(iso(day), iso(day + 86400))}
 
     lines = ok(as_table).rstrip("\n").splitlines()
-    assert lines[0].split() == [
-        "start",
-        "model",
-        "tenant",
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cost_nano_usd",
-        "cost_usd",
-        "errors",
-    ]
+    assert lines[0].split() == [column for column in USAGE_CSV_COLUMNS if column != "end"]
     assert [line.split() for line in lines[1:]] == [
         [iso(day + 2 * 3600), "-", "-", "2", "2468", "1134", "3602", "1632260", "0.001632260", "0"],
         [iso(day + 3 * 3600), "-", "-", "1", "1", "2", "3", "1000000001", "1.000000001", "0"],

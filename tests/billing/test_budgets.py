@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -21,26 +22,11 @@ from billing import (
     month_of,
     parse_usd,
 )
+from tests.conftest import usage_record
 
 
 def utc(*args: int) -> float:
     return dt.datetime(*args, tzinfo=dt.UTC).timestamp()
-
-
-def make_record(request_id: str, key_id: str, cost_nano_usd: int, **changes: object) -> UsageRecord:
-    record = UsageRecord(
-        request_id=request_id,
-        tenant="acct-a",
-        key_id=key_id,
-        model="@cf/meta/llama-3.1-8b-instruct",
-        prompt_tokens=10,
-        completion_tokens=5,
-        cost_nano_usd=cost_nano_usd,
-        status="ok",
-        started_at=time.time(),
-        duration_seconds=0.5,
-    )
-    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 def make_key(tenant: str = "acct-a", key_id: str = "aaaaaaaaaaaa", budget: int | None = None) -> ApiKey:
@@ -158,3 +144,9 @@ async def test_budgets_check_sees_the_ledgers_spend_of_this_month_by_tenant_and_
     assert check.exceeded_by(183_770) is None and check.exceeded_by(183_771) == "key"
     check = await Budgets(redis, default_monthly_nano_usd=None).check(other, time.time())
     assert (check.tenant_spent, check.key_cap, check.key_spent) == (821_230, None, 5_000)
+
+
+def make_record(request_id: str, key_id: str, cost_nano_usd: int, **changes: Any) -> UsageRecord:
+    """A bill of ``key_id``'s costing ``cost_nano_usd``, dated now (the budgets' current month) unless changed."""
+    fields = {"key_id": key_id, "cost_nano_usd": cost_nano_usd, "started_at": time.time(), **changes}
+    return usage_record(request_id, **fields)

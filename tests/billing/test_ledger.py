@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from billing import Ledger, Price, UsageRecord, cost_nano_usd, format_usd, hour_bucket, tenant_key
+from billing import Ledger, Price, cost_nano_usd, format_usd, hour_bucket, tenant_key
+from tests.conftest import usage_record
 
 PRICE = Price(280, 830)
-
-
-def make_record(request_id: str = "req-1", tenant: str = "acct-a", **changes: object) -> UsageRecord:
-    record = UsageRecord(
-        request_id=request_id,
-        tenant=tenant,
-        key_id="keyid",
-        model="@cf/meta/llama-3.1-8b-instruct",
-        prompt_tokens=1234,
-        completion_tokens=567,
-        cost_nano_usd=cost_nano_usd(PRICE, 1234, 567),
-        status="ok",
-        started_at=1_763_776_800.5,  # 2025-11-22 02:00:00.5 UTC
-        duration_seconds=1.25,
-    )
-    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 def test_pricing_is_exact_integer_nano_dollars() -> None:
@@ -38,7 +22,7 @@ def test_pricing_is_exact_integer_nano_dollars() -> None:
 
 async def test_ledger_same_request_id_billed_1000_times_concurrently_counts_once(redis: Redis) -> None:
     ledger = Ledger(redis)
-    record = make_record()
+    record = usage_record()
     results = await asyncio.gather(*(ledger.record(record) for _ in range(1000)))
     assert results.count(True) == 1
     totals = await ledger.bucket_totals("acct-a", record.model, "2025112202")
@@ -56,10 +40,10 @@ async def test_ledger_same_request_id_billed_1000_times_concurrently_counts_once
 
 async def test_ledger_keeps_tenants_models_and_hours_apart(redis: Redis) -> None:
     ledger = Ledger(redis)
-    await ledger.record(make_record("r1"))
-    await ledger.record(make_record("r2", tenant="acct-b"))
-    await ledger.record(make_record("r3", model="@cf/meta/llama-3.1-8b-instruct-fp8"))
-    await ledger.record(make_record("r4", started_at=1_763_776_800.5 + 3600, status="upstream_error"))
+    await ledger.record(usage_record("r1"))
+    await ledger.record(usage_record("r2", tenant="acct-b"))
+    await ledger.record(usage_record("r3", model="@cf/meta/llama-3.1-8b-instruct-fp8"))
+    await ledger.record(usage_record("r4", started_at=1_763_776_800.5 + 3600, status="upstream_error"))
     model = "@cf/meta/llama-3.1-8b-instruct"
     assert (await ledger.bucket_totals("acct-a", model, "2025112202"))["requests"] == 1
     later = await ledger.bucket_totals("acct-a", model, "2025112203")
@@ -76,7 +60,7 @@ async def test_ledger_keeps_tenants_models_and_hours_apart(redis: Redis) -> None
 async def test_ledger_rejects_negative_numbers_before_writing(redis: Redis) -> None:
     ledger = Ledger(redis)
     with pytest.raises(ResponseError, match="bad usage"):
-        await ledger.record(make_record(prompt_tokens=-1))
+        await ledger.record(usage_record(prompt_tokens=-1))
     assert [key async for key in redis.scan_iter("tg:*")] == []
 
 

@@ -23,6 +23,7 @@ from billing.reports import (
     parse_query,
     usage_report,
 )
+from tests.conftest import USAGE_CSV_COLUMNS
 
 PRICE = Price(280, 830)
 MODEL = "@cf/meta/llama-3.1-8b-instruct"
@@ -296,19 +297,7 @@ async def test_usage_report_reads_the_longest_hourly_range(usage: Redis) -> None
 async def test_usage_report_csv_has_one_row_per_bucket_and_group(usage: Redis) -> None:
     report = await report_of(usage, hours(MIDNIGHT - HOUR, MIDNIGHT + 2 * HOUR, group_by="model"))
     reader = csv.DictReader(io.StringIO(report.to_csv()))
-    assert reader.fieldnames == [
-        "start",
-        "end",
-        "model",
-        "tenant",
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cost_nano_usd",
-        "cost_usd",
-        "errors",
-    ]
+    assert reader.fieldnames == USAGE_CSV_COLUMNS
     rows = list(reader)
     assert [(row["start"], row["end"], row["model"], row["requests"]) for row in rows] == [
         (iso(MIDNIGHT - HOUR), iso(MIDNIGHT), MODEL, "1"),

@@ -19,28 +19,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 import billing.spool as spool_module
-from billing import DurableLedger, Ledger, Price, Spool, UsageRecord, cost_nano_usd, tenant_key
+from billing import DurableLedger, Ledger, Spool, UsageRecord, tenant_key
 from gateway._processes import free_port
+from tests.conftest import usage_record
 
 MODEL = "@cf/meta/llama-3.1-8b-instruct"
 HOUR = "2025112202"
 STARTED_AT = 1_763_776_800.5  # 2025-11-22 02:00:00.5 UTC
-
-
-def make_record(request_id: str = "req-1", tenant: str = "acct-a", **changes: object) -> UsageRecord:
-    record = UsageRecord(
-        request_id=request_id,
-        tenant=tenant,
-        key_id="keyid",
-        model=MODEL,
-        prompt_tokens=1234,
-        completion_tokens=567,
-        cost_nano_usd=cost_nano_usd(Price(280, 830), 1234, 567),
-        status="ok",
-        started_at=STARTED_AT,
-        duration_seconds=1.25,
-    )
-    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -85,7 +70,7 @@ def test_spool_append_writes_one_fsynced_json_line_per_record(tmp_path: Path, mo
     real_fsync = os.fsync
     monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     spool = Spool(tmp_path / "spool")  # the directory is created
-    records = [make_record("r1"), make_record("r2", status="upstream_error", cost_nano_usd=0)]
+    records = [usage_record("r1"), usage_record("r2", status="upstream_error", cost_nano_usd=0)]
     for record in records:
         spool.append(record)
     assert len(synced) == 2  # one fsync per bill, before append returns
@@ -98,7 +83,7 @@ def test_spool_append_writes_one_fsynced_json_line_per_record(tmp_path: Path, mo
 
 def test_spool_claim_waits_for_no_one_and_yields_none_while_another_process_holds_the_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    spool.append(make_record("r1"))
+    spool.append(usage_record("r1"))
     [path] = spool.files()
     with spool.claim(path) as records:
         assert records is None  # this process still appends to it
@@ -108,7 +93,7 @@ def test_spool_claim_waits_for_no_one_and_yields_none_while_another_process_hold
         with spool.claim(path) as records:
             assert records is None
     with spool.claim(path) as records:
-        assert records == [make_record("r1")]
+        assert records == [usage_record("r1")]
         with Spool(tmp_path).claim(path) as again:  # another replayer, meanwhile
             assert again is None
     with spool.claim(tmp_path / "gone.jsonl") as records:  # replayed and deleted by someone else meanwhile
@@ -119,14 +104,14 @@ async def test_spool_torn_last_line_is_skipped_and_the_rest_replayed(
     redis: Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = Spool(tmp_path)
-    spool.append(make_record("r1"))
-    spool.append(make_record("r2"))
+    spool.append(usage_record("r1"))
+    spool.append(usage_record("r2"))
     spool.seal()
     [path] = spool.files()
     with path.open("ab") as file:  # a crash in the middle of an append
         file.write(b'{"request_id":"r3","tenant":"acc')
     with spool.claim(path) as records:
-        assert records == [make_record("r1"), make_record("r2")]
+        assert records == [usage_record("r1"), usage_record("r2")]
     assert spool.depth()[0] == 2
     ledger = DurableLedger(Ledger(redis), spool, replay_interval_seconds=60)
     with caplog.at_level(logging.ERROR, logger="billing.spool"):
@@ -139,9 +124,9 @@ async def test_spool_torn_last_line_is_skipped_and_the_rest_replayed(
 def test_spool_depth_counts_every_file_and_reports_the_oldest_start(tmp_path: Path) -> None:
     first, second = Spool(tmp_path), Spool(tmp_path)
     assert first.depth() == (0, None)
-    first.append(make_record("r1", started_at=300.0))
-    first.append(make_record("r2", started_at=100.5))
-    second.append(make_record("r3", started_at=200.0))
+    first.append(usage_record("r1", started_at=300.0))
+    first.append(usage_record("r2", started_at=100.5))
+    second.append(usage_record("r3", started_at=200.0))
     assert first.depth() == second.depth() == (3, 100.5)
     first.seal()
     with first.files()[0].open("ab") as file:
@@ -152,8 +137,8 @@ def test_spool_depth_counts_every_file_and_reports_the_oldest_start(tmp_path: Pa
 async def test_durable_ledger_spools_when_redis_is_down_instead_of_raising(dead_redis: Redis, tmp_path: Path) -> None:
     ledger = durable(dead_redis, tmp_path)
     try:
-        assert await ledger.record(make_record("r1", started_at=500.0)) is None
-        assert await ledger.record(make_record("r2", started_at=400.0)) is None
+        assert await ledger.record(usage_record("r1", started_at=500.0)) is None
+        assert await ledger.record(usage_record("r2", started_at=400.0)) is None
         assert ledger.spooled_total == 2 and ledger.replayed_total == 0
         assert ledger.spool.depth() == (2, 400.0)
         assert await ledger.replay() is False  # still down: the file stays
@@ -166,7 +151,7 @@ async def test_durable_ledger_spools_when_redis_is_down_instead_of_raising(dead_
 async def test_replay_bills_every_spooled_record_once_even_when_replayed_twice(
     redis: Redis, dead_redis: Redis, tmp_path: Path
 ) -> None:
-    records = [make_record(f"r{i}") for i in range(3)]
+    records = [usage_record(f"r{i}") for i in range(3)]
     await spool_with_redis_down(dead_redis, tmp_path, records)
     backup = tmp_path.parent / "backup"
     shutil.copytree(tmp_path, backup)
@@ -197,9 +182,9 @@ async def test_replay_bills_every_spooled_record_once_even_when_replayed_twice(
 
 async def test_two_processes_on_one_directory_never_replay_each_others_open_file(redis: Redis, tmp_path: Path) -> None:
     writer = Spool(tmp_path)  # another process, still appending to its file
-    writer.append(make_record("theirs"))
+    writer.append(usage_record("theirs"))
     replayer = durable(redis, tmp_path)
-    replayer.spool.append(make_record("mine"))
+    replayer.spool.append(usage_record("mine"))
     assert len(replayer.spool.files()) == 2
 
     assert await replayer.replay() is False  # its own file is sealed and replayed; the other one is held
@@ -217,7 +202,7 @@ async def test_two_processes_on_one_directory_never_replay_each_others_open_file
 async def test_background_replayer_replays_by_itself_once_redis_answers_and_stops_on_aclose(
     redis: Redis, dead_redis: Redis, tmp_path: Path
 ) -> None:
-    await spool_with_redis_down(dead_redis, tmp_path, [make_record("r1"), make_record("r2")])
+    await spool_with_redis_down(dead_redis, tmp_path, [usage_record("r1"), usage_record("r2")])
     assert Spool(tmp_path).depth()[0] == 2
 
     ledger = durable(redis, tmp_path, interval=0.05)  # the next process, on the same volume, Redis back
@@ -228,7 +213,7 @@ async def test_background_replayer_replays_by_itself_once_redis_answers_and_stop
     await ledger.aclose()
 
     other = Spool(tmp_path)  # a bill spooled after the replayer stopped stays put
-    other.append(make_record("r3"))
+    other.append(usage_record("r3"))
     other.seal()
     await asyncio.sleep(0.3)  # six replay intervals
     assert other.depth()[0] == 1 and await requests_billed(redis) == 2
@@ -236,7 +221,7 @@ async def test_background_replayer_replays_by_itself_once_redis_answers_and_stop
 
 async def test_aclose_makes_one_last_replay(redis: Redis, tmp_path: Path) -> None:
     ledger = durable(redis, tmp_path)
-    ledger.spool.append(make_record("r1"))  # spooled, its replay not yet due
+    ledger.spool.append(usage_record("r1"))  # spooled, its replay not yet due
     await ledger.aclose()
     assert ledger.spool.files() == [] and await requests_billed(redis) == 1
 
@@ -248,8 +233,8 @@ def rejected_lines(directory: Path) -> list[dict[str, Any]]:
 
 async def test_a_record_the_ledger_refuses_does_not_hold_back_the_bills_after_it(redis: Redis, tmp_path: Path) -> None:
     ledger = durable(redis, tmp_path)
-    ledger.spool.append(make_record("bad", prompt_tokens=-1))  # e.g. spooled by an older version
-    ledger.spool.append(make_record("good"))  # spooled behind it, during an outage
+    ledger.spool.append(usage_record("bad", prompt_tokens=-1))  # e.g. spooled by an older version
+    ledger.spool.append(usage_record("good"))  # spooled behind it, during an outage
     await ledger.replay()
     assert await requests_billed(redis) == 1 and ledger.spool.files() == []
     [line] = rejected_lines(tmp_path)
@@ -258,7 +243,7 @@ async def test_a_record_the_ledger_refuses_does_not_hold_back_the_bills_after_it
 
 async def test_a_record_the_ledger_refuses_is_set_aside_not_spooled(redis: Redis, tmp_path: Path) -> None:
     ledger = durable(redis, tmp_path)
-    assert await ledger.record(make_record("bad", completion_tokens=-3)) is None
+    assert await ledger.record(usage_record("bad", completion_tokens=-3)) is None
     assert ledger.spool.files() == [] and ledger.spooled_total == 0
     [line] = rejected_lines(tmp_path)
     assert line["record"]["completion_tokens"] == -3
@@ -266,9 +251,9 @@ async def test_a_record_the_ledger_refuses_is_set_aside_not_spooled(redis: Redis
 
 async def test_aclose_right_after_a_spooled_bill_returns(dead_redis: Redis, tmp_path: Path) -> None:
     ledger = durable(dead_redis, tmp_path)
-    assert await ledger.record(make_record("r1")) is None
+    assert await ledger.record(usage_record("r1")) is None
     await asyncio.sleep(0.1)  # the replayer tried, failed, and now waits for its next wake-up
-    assert await ledger.record(make_record("r2")) is None  # wakes it ...
+    assert await ledger.record(usage_record("r2")) is None  # wakes it ...
     closing = asyncio.create_task(ledger.aclose())  # ... and the shutdown cancels it at once
     try:
         done, _ = await asyncio.wait({closing}, timeout=1)
@@ -293,7 +278,7 @@ async def test_a_file_being_created_is_never_deleted_by_another_processs_replaye
         real_flock(fd, operation)
 
     monkeypatch.setattr(spool_module.fcntl, "flock", flock_after_a_replay)
-    writer.append(make_record("r1"))
+    writer.append(usage_record("r1"))
     monkeypatch.undo()
     writer.seal()
     assert writer.depth()[0] == 1

@@ -25,7 +25,17 @@ from billing import Tokenizer, count_chat_prompt_tokens, format_usd, hash_key, m
 from gateway import create_app
 from gateway._processes import free_port
 from gateway.sim import SimConfig, create_sim_app
-from tests.conftest import BF16_NAME, FP8_MODEL, FP8_NAME, MODEL, TENANT, Gateway, SimWorker, gateway_for
+from tests.conftest import (
+    BF16_NAME,
+    FP8_MODEL,
+    FP8_NAME,
+    MODEL,
+    TENANT,
+    USAGE_CSV_COLUMNS,
+    Gateway,
+    SimWorker,
+    gateway_for,
+)
 
 ADMIN_TOKEN = "admin-token-" + "x" * 40
 OTHER = "acct-other"  # tenant B; TENANT is tenant A
@@ -727,19 +737,7 @@ async def test_usage_csv_rows_sum_to_the_responses(gw: Gateway) -> None:
     assert response.headers["content-type"] == "text/csv; charset=utf-8"
     assert response.headers["content-disposition"].startswith('attachment; filename="tollgate-usage-hour-')
     rows = list(csv.DictReader(io.StringIO(response.text)))
-    assert list(rows[0]) == [
-        "start",
-        "end",
-        "model",
-        "tenant",
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cost_nano_usd",
-        "cost_usd",
-        "errors",
-    ]
+    assert list(rows[0]) == USAGE_CSV_COLUMNS
     assert len(rows) == 24 * 2
     for model in (MODEL, FP8_MODEL):
         mine = [row for row in rows if row["model"] == model]
