@@ -143,6 +143,14 @@ async def run_clients(
     return answered, refused
 
 
+async def probe(stack: Stack, secret_key: str) -> list[httpx.Response]:
+    """One request to each gateway."""
+    body = {"messages": [{"role": "user", "content": "Anyone there?"}], "stream": True, "max_tokens": 5}
+    headers = {"Authorization": f"Bearer {secret_key}"}
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        return [await client.post(url + MODEL_PATH, json=body, headers=headers) for url in stack.gateways]
+
+
 async def served_by_workers(stack: Stack) -> dict[str, dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}
     async with httpx.AsyncClient(trust_env=False) as client:
@@ -201,10 +209,12 @@ async def test_ledger_equals_what_workers_served_under_load(kill_redis: bool) ->
     async with load_stack() as (stack, secret_key):
         streaming = asyncio.Event()
         clients = asyncio.create_task(run_clients(stack, secret_key, seed=42, streaming=streaming))
+        during_outage: list[httpx.Response] = []
         if kill_redis:
             await streaming.wait()  # streams are running on both gateways: their bills will find Redis gone
             await asyncio.to_thread(stack.kill_redis)
-            await asyncio.sleep(1.5)  # bills of streams ending now cannot reach Redis
+            await asyncio.sleep(1.2)  # bills of streams ending now cannot reach Redis; the auth cache (1 s) expires
+            during_outage = await probe(stack, secret_key)
             await asyncio.to_thread(stack.restart_redis)
         answered, refused = await clients
         served = await wait_for_workers_to_settle(stack)
@@ -217,7 +227,7 @@ async def test_ledger_equals_what_workers_served_under_load(kill_redis: bool) ->
             record["completion_tokens"] == 9 and not record["client_disconnected"] for record in served.values()
         )
         hung_up = sum(record["client_disconnected"] for record in served.values())
-        assert cut_by_worker > 10 and hung_up > 10, (cut_by_worker, hung_up)
+        assert cut_by_worker > 10 and hung_up > 3, (cut_by_worker, hung_up)  # the load had both kinds of cut
         for request_id, record in served.items():
             billed = ledger[request_id]
             assert int(billed["prompt_tokens"]) == record["prompt_tokens"], request_id
@@ -239,8 +249,12 @@ async def test_ledger_equals_what_workers_served_under_load(kill_redis: bool) ->
             "completion_tokens": sum(record["completion_tokens"] for record in served.values()),
             "cost_nano_usd": sum(int(billed["cost_nano_usd"]) for billed in ledger.values()),
         }
+        assert set(refused.values()) <= {503}, "only Redis being down refuses requests here"
         if kill_redis:
-            assert refused and set(refused.values()) == {503}, "requests during the outage are refused, never billed"
+            assert [response.status_code for response in during_outage] == [503] * len(stack.gateways)
+            for response in during_outage:
+                assert response.json()["errors"][0]["code"] == 5530
+                assert response.headers["x-request-id"] not in ledger, "a refused request was billed"
             assert await metric_total(stack, "tollgate_bills_spooled_total") > 0, "no bill was spooled"
             assert await metric_total(stack, "tollgate_spool_records") == 0
         else:
