@@ -49,7 +49,13 @@ from billing import (
     usage_report,
 )
 from gateway.deps import Dependencies
-from gateway.errors import InvalidQueryError, KeyStoreUnavailableError, NotFoundError, render_result
+from gateway.errors import (
+    InvalidQueryError,
+    InvalidRequestError,
+    KeyStoreUnavailableError,
+    NotFoundError,
+    render_result,
+)
 from gateway.validate import parse_body
 
 
@@ -119,7 +125,7 @@ async def list_tenants(request: Request) -> Response:
 
 async def create_key(request: Request) -> Response:
     deps = await _admin(request)
-    body = parse_body(await request.body())
+    body = await _body(request)
     _only(body, {"tenant", "name", "scopes", "expires_at", "expires_in_seconds", "monthly_budget_usd"})
     tenant = body.get("tenant")
     if not isinstance(tenant, str):
@@ -160,7 +166,7 @@ async def get_key(request: Request) -> Response:
 async def update_key(request: Request) -> Response:
     deps = await _admin(request)
     key = await _key(deps, request)
-    body = parse_body(await request.body())
+    body = await _body(request)
     _only(body, {"monthly_budget_usd"})
     if "monthly_budget_usd" not in body:
         raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"5.00\", or null for none)")
@@ -182,8 +188,7 @@ async def revoke_key(request: Request) -> Response:
 async def rotate_key(request: Request) -> Response:
     deps = await _admin(request)
     key = await _key(deps, request)
-    raw = await request.body()
-    body = parse_body(raw) if raw.strip() else {}
+    body = await _body(request, optional=True)
     _only(body, {"grace_seconds"})
     grace = body.get("grace_seconds", 0)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 30 * 86400:
@@ -205,7 +210,7 @@ async def get_budget(request: Request) -> Response:
 async def set_budget(request: Request) -> Response:
     deps = await _admin(request)
     tenant = _tenant(request.path_params["tenant"])
-    body = parse_body(await request.body())
+    body = await _body(request)
     _only(body, {"monthly_budget_usd"})
     if "monthly_budget_usd" not in body:
         raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"25.00\", or null for no cap)")
@@ -221,6 +226,17 @@ async def reset_budget(request: Request) -> Response:
 
 
 # -- shared -------------------------------------------------------------------------------------------------------
+
+
+async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object (``{}`` for an empty optional body); a bad one is a 400 in admin words."""
+    raw = await request.body()
+    if optional and not raw.strip():
+        return {}
+    try:
+        return parse_body(raw)
+    except InvalidRequestError as exc:
+        raise InvalidQueryError(exc.message.removeprefix("AiError: Bad input: ")) from None
 
 
 def _deps(request: Request) -> Dependencies:

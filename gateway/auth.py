@@ -40,7 +40,10 @@ class Authenticator:
     async def authenticate(self, headers: Mapping[str, str], account_id: str, path: str, scope: str) -> ApiKey:
         """The key presented in ``headers``; it must belong to ``account_id`` (the path's account) and hold
         ``scope``."""
-        key = await self._lookup(_bearer_token(headers))
+        secret = _bearer_token(headers)
+        if self._is_admin_token(secret):
+            raise ForbiddenError("Authentication error: the admin token works on /admin/v1/* only; use an API key")
+        key = await self._lookup(secret)
         if key.tenant != account_id:
             # A key that works elsewhere must not reveal that this account exists: answer like a bad route.
             raise RouteNotFoundError(path)
@@ -51,12 +54,15 @@ class Authenticator:
     async def authenticate_admin(self, headers: Mapping[str, str]) -> ApiKey | None:
         """Admit the bootstrap admin token (``None``: no key behind it) or a key with the ``admin`` scope."""
         secret = _bearer_token(headers)
-        if self._admin_token_hash and hmac.compare_digest(hash_key(secret), self._admin_token_hash):
+        if self._is_admin_token(secret):
             return None
         key = await self._lookup(secret)
         if "admin" not in key.scopes:
             raise ForbiddenError("Authentication error: this key lacks the 'admin' scope")
         return key
+
+    def _is_admin_token(self, secret: str) -> bool:
+        return bool(self._admin_token_hash) and hmac.compare_digest(hash_key(secret), self._admin_token_hash)
 
     async def _lookup(self, secret_key: str) -> ApiKey:
         digest = hash_key(secret_key)

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -311,6 +312,9 @@ def _run(args: argparse.Namespace, command: Callable[[Redis, Settings], Awaitabl
 
     async def run() -> int:
         settings = _settings_for(args)
+        if not args.redis_url:  # say where: a wrong Redis answers just as politely, with nothing in it
+            hint = f"tollgate: using Redis {_redacted(settings.redis.url)} (redis.url; --redis-url to choose)"
+            print(hint, file=sys.stderr)
         redis = build_redis(settings)
         try:
             return await command(redis, settings)
@@ -323,9 +327,20 @@ def _run(args: argparse.Namespace, command: Callable[[Redis, Settings], Awaitabl
     return asyncio.run(run())
 
 
+def _redacted(url: str) -> str:
+    """``url`` without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _print_record(record: ApiKey) -> None:
     print(f"key id:   {record.key_id}")
     print(f"tenant:   {record.tenant}")
+    if record.name:
+        print(f"name:     {record.name}")
     print(f"scopes:   {', '.join(sorted(record.scopes))}")
     if record.expires_at is not None:
         print(f"expires:  {_iso(record.expires_at)}")

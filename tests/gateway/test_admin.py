@@ -319,8 +319,8 @@ async def test_admin_routes_are_closed_without_a_token_or_admin_key(
 
 async def test_admin_token_is_not_a_tenant_key(gw: Gateway, worker: SimWorker) -> None:
     served = len(worker.served)
-    assert_error(await run(gw, ADMIN_TOKEN), 401, 10000)
-    assert_error(await gw.client.get(usage_url(), headers=ADMIN), 401, 10000)
+    assert_error(await run(gw, ADMIN_TOKEN), 403, 10000, "/admin/v1/* only")
+    assert_error(await gw.client.get(usage_url(), headers=ADMIN), 403, 10000, "/admin/v1/* only")
     assert len(worker.served) == served
 
 
@@ -1015,3 +1015,9 @@ async def test_redis_down_key_bearers_and_tenant_routes_are_503_5530(dead_gw: Ga
     served = len(worker.served)
     assert_error(await run(dead_gw, "tg_aaaaaaaaaaaa_" + "A" * 43), 503, 5530)
     assert len(worker.served) == served
+
+
+async def test_admin_bad_json_is_400_in_admin_words(gw: Gateway) -> None:
+    response = await gw.client.post("/admin/v1/keys", content=b'{"tenant":', headers=ADMIN)
+    message = assert_error(response, 400, 5006, "the body is not valid JSON")
+    assert "AiError" not in message
