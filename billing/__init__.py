@@ -3,7 +3,7 @@
 ``billing`` never imports ``gateway`` or starlette.
 """
 
-from billing.budgets import BudgetCheck, Budgets, InvalidBudgetError, month_bounds, parse_usd
+from billing.budgets import Budgets, InvalidBudgetError, month_bounds, parse_usd
 from billing.keys import (
     DEFAULT_SCOPES,
     SCOPES,
@@ -11,13 +11,24 @@ from billing.keys import (
     InvalidKeySettingError,
     InvalidTenantError,
     IssuedKey,
+    KeyLimits,
     KeyStore,
     check_scopes,
     check_tenant,
     hash_key,
     parse_key_id,
 )
-from billing.ledger import COUNTER_FIELDS, Ledger, Retention, UsageRecord, hour_bucket, month_of, tenant_key
+from billing.ledger import (
+    COUNTER_FIELDS,
+    Ledger,
+    Retention,
+    UsageRecord,
+    hour_bucket,
+    month_of,
+    rate_keys,
+    tenant_key,
+)
+from billing.limits import AdmissionDecision, Limiter, Limits
 from billing.pricing import Price, cost_nano_usd, format_usd, price_of
 from billing.prompts import BuiltinLlama31Template, ChatTemplate, JinjaChatTemplate, PromptCounter, raw_upper_bound
 from billing.reports import (
@@ -43,8 +54,8 @@ __all__ = [
     "COUNTER_FIELDS",
     "DEFAULT_SCOPES",
     "SCOPES",
+    "AdmissionDecision",
     "ApiKey",
-    "BudgetCheck",
     "Budgets",
     "BuiltinLlama31Template",
     "ChatTemplate",
@@ -56,8 +67,11 @@ __all__ = [
     "InvalidTenantError",
     "IssuedKey",
     "JinjaChatTemplate",
+    "KeyLimits",
     "KeyStore",
     "Ledger",
+    "Limiter",
+    "Limits",
     "Price",
     "PromptCounter",
     "ReportQueryError",
@@ -85,6 +99,7 @@ __all__ = [
     "parse_time",
     "parse_usd",
     "price_of",
+    "rate_keys",
     "raw_upper_bound",
     "render_chat_prompt",
     "settle_usage",

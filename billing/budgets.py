@@ -8,8 +8,8 @@ with ``spent + its maximum cost <= cap``, and so a month can end above the cap b
 requests that were in flight together when it was reached: concurrent requests * window tokens * completion price
 in the worst case, about $0.0066 per concurrent request for the 8b model. Concurrency limits (per key) bound it.
 
-The admission check is one Redis round trip (a read-only Lua script) that also reads Redis ``TIME``: the request's
-timestamp, which dates its bill. Redis layout::
+The admission check is part of the one admission script (billing/limits.py), which also reads Redis ``TIME``: the
+request's timestamp, which dates its bill. Redis layout::
 
     tg:{<tenant>}:budget          hash: monthly_nano_usd (absent: the configured default)
     tg:{<tenant>}:spend:m:<YYYYMM>  written by the ledger (billing/ledger.py)
@@ -17,25 +17,15 @@ timestamp, which dates its bill. Redis layout::
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
-from typing import Final, Literal
+from typing import Final
 
 from redis.asyncio import Redis
 
-from billing.keys import ApiKey
-from billing.ledger import month_of, spend_key, tenant_key
+from billing.ledger import tenant_key
 
 _FIELD: Final = "monthly_nano_usd"
-# KEYS: the tenant's budget hash, its spend hash for the month. ARGV: the key's field in the spend hash.
-# Returns Redis TIME (seconds, microseconds), the tenant's cap (nil: the default, "": none) and both spends.
-_CHECK_SCRIPT: Final = """
-local now = redis.call('TIME')
-local cap = redis.call('HGET', KEYS[1], 'monthly_nano_usd')
-local spent = redis.call('HMGET', KEYS[2], 'total', ARGV[1])
-return {now[1], now[2], cap, spent[1], spent[2]}
-"""
 # Wide enough for any int64 amount, and loud about anything inexact.
 _EXACT: Final = Context(prec=60, traps=[Inexact, Overflow, Underflow, InvalidOperation])
 _MAX_USD: Final = Decimal(2**63 - 1).scaleb(-9)
@@ -72,47 +62,12 @@ def month_bounds(month: str) -> tuple[float, float]:
     return start.timestamp(), following.timestamp()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class BudgetCheck:
-    """What one admission read: Redis's clock, and the caps and spend of the tenant and the key this month."""
-
-    now: float
-    month: str
-    tenant_cap: int | None
-    tenant_spent: int
-    key_cap: int | None
-    key_spent: int
-
-    def exceeded_by(self, max_cost_nano_usd: int) -> Literal["tenant", "key"] | None:
-        """Which budget a request costing up to ``max_cost_nano_usd`` would pass, if any (the key's first)."""
-        if self.key_cap is not None and self.key_spent + max_cost_nano_usd > self.key_cap:
-            return "key"
-        if self.tenant_cap is not None and self.tenant_spent + max_cost_nano_usd > self.tenant_cap:
-            return "tenant"
-        return None
-
-    @property
-    def resets_at(self) -> float:
-        return month_bounds(self.month)[1]
-
-
 class Budgets:
-    """Reads and sets monthly budgets; checks a request against them in one round trip."""
+    """Reads and sets monthly budgets (billing/limits.py checks requests against them)."""
 
     def __init__(self, redis: Redis, *, default_monthly_nano_usd: int | None) -> None:
         self._redis = redis
         self._default = default_monthly_nano_usd
-        self._check = redis.register_script(_CHECK_SCRIPT)
-
-    async def check(self, key: ApiKey, now_hint: float) -> BudgetCheck:
-        """Read Redis ``TIME`` with the tenant's and the key's caps and spend for the current month.
-
-        ``now_hint`` (this replica's clock) picks the month to read; on the rare request where Redis's clock says
-        another month (skew across a month boundary), it is read again for Redis's month."""
-        check = await self._read(key, month_of(now_hint))
-        if month_of(check.now) != check.month:
-            check = await self._read(key, month_of(check.now))
-        return check
 
     async def tenant_budget(self, tenant: str) -> tuple[int | None, bool]:
         """The tenant's cap in nano-dollars (``None``: no cap), and whether it is the configured default."""
@@ -132,18 +87,6 @@ class Budgets:
         if stored is None:
             return self._default, True
         return (int(stored) if stored else None), False
-
-    async def _read(self, key: ApiKey, month: str) -> BudgetCheck:
-        keys = [_budget_key(key.tenant), spend_key(key.tenant, month)]
-        seconds, micros, cap, tenant_spent, key_spent = await self._check(keys=keys, args=[f"key:{key.key_id}"])
-        return BudgetCheck(
-            now=int(seconds) + int(micros) / 1_000_000,
-            month=month,
-            tenant_cap=self._decode_cap(cap)[0],
-            tenant_spent=int(tenant_spent or 0),
-            key_cap=key.monthly_budget_nano_usd,
-            key_spent=int(key_spent or 0),
-        )
 
 
 def _budget_key(tenant: str) -> str:

@@ -11,7 +11,8 @@ old one at once or after a grace period.
 Redis layout (global, not per tenant: the key id is all an incoming request carries)::
 
     tg:key:<key_id>     hash: tenant, name, sha256, scopes ("inference,usage:read"), created_at, expires_at
-                        (0: never), revoked ("0" or "1"), monthly_budget_nano_usd ("": none)
+                        (0: never), revoked ("0" or "1"), monthly_budget_nano_usd ("": none),
+                        requests_per_minute, tokens_per_minute, concurrent_streams ("": the tenant's)
     tg:{<tenant>}:keys  set of the tenant's key ids
     tg:tenants          set of every tenant that ever had a key
 """
@@ -39,6 +40,7 @@ TENANTS_KEY: Final = "tg:tenants"
 _KEY_ID_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"
 _KEY_PATTERN: Final = re.compile(r"tg_([a-z2-7]{12})_([A-Za-z0-9_-]{43})")
 _KEY_ID_PATTERN: Final = re.compile(r"[a-z2-7]{12}")
+_LIMIT_FIELDS: Final = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
 TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -48,6 +50,24 @@ class InvalidKeySettingError(ValueError):
 
 class InvalidTenantError(InvalidKeySettingError):
     """A tenant (account) id must be 1 to 64 letters, digits, ``-`` or ``_``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's own rate limits; ``None`` takes its tenant's (or the configured default), 0 means no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidKeySettingError(f"{field.name} must be a whole number >= 0, got {value!r}")
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +82,7 @@ class ApiKey:
     scopes: frozenset[str] = DEFAULT_SCOPES
     expires_at: float | None = None  # Unix seconds; None: never
     monthly_budget_nano_usd: int | None = None  # the key's own spend cap per calendar month (UTC); None: none
+    limits: KeyLimits = KeyLimits()
 
     def usable_at(self, now: float) -> bool:
         """Not revoked and not expired at ``now``."""
@@ -78,6 +99,7 @@ class ApiKey:
             "expires_at": None if self.expires_at is None else round(self.expires_at, 3),
             "revoked": self.revoked,
             "monthly_budget_nano_usd": self.monthly_budget_nano_usd,
+            "limits": self.limits.as_dict(),
         }
 
 
@@ -130,6 +152,7 @@ class KeyStore:
         scopes: Iterable[str] = DEFAULT_SCOPES,
         expires_at: float | None = None,
         monthly_budget_nano_usd: int | None = None,
+        limits: KeyLimits = KeyLimits(),
     ) -> IssuedKey:
         """Create a key for ``tenant``; the returned secret is never stored."""
         record = ApiKey(
@@ -141,6 +164,7 @@ class KeyStore:
             scopes=check_scopes(scopes),
             expires_at=expires_at,
             monthly_budget_nano_usd=_check_budget(monthly_budget_nano_usd),
+            limits=limits,
         )
         if expires_at is not None and not (math.isfinite(expires_at) and expires_at > record.created_at):
             raise InvalidKeySettingError("the expiry must be a time in the future")
@@ -217,6 +241,7 @@ class KeyStore:
             scopes=old.scopes,
             expires_at=old.expires_at,
             monthly_budget_nano_usd=old.monthly_budget_nano_usd,
+            limits=old.limits,
         )
         if grace_seconds > 0:
             retire_at = now + grace_seconds if old.expires_at is None else min(old.expires_at, now + grace_seconds)
@@ -233,6 +258,13 @@ class KeyStore:
             return None
         value = _check_budget(monthly_budget_nano_usd)
         await self._redis.hset(_record_key(key_id), "monthly_budget_nano_usd", "" if value is None else str(value))
+        return await self.get(key_id)
+
+    async def set_limits(self, key_id: str, limits: KeyLimits) -> ApiKey | None:
+        """Replace a key's own rate limits; the updated record, or ``None`` if there is no such key."""
+        if await self.get(key_id) is None:
+            return None
+        await self._redis.hset(_record_key(key_id), mapping=_encode_limits(limits))
         return await self.get(key_id)
 
 
@@ -256,7 +288,12 @@ def _encode(record: ApiKey) -> dict[str, str]:
         "expires_at": "0" if record.expires_at is None else f"{record.expires_at:.3f}",
         "revoked": "1" if record.revoked else "0",
         "monthly_budget_nano_usd": "" if budget is None else str(budget),
+        **_encode_limits(record.limits),
     }
+
+
+def _encode_limits(limits: KeyLimits) -> dict[str, str]:
+    return {name: "" if value is None else str(value) for name, value in limits.as_dict().items()}
 
 
 def _decode(key_id: str, fields: dict[bytes, bytes]) -> ApiKey:
@@ -273,4 +310,9 @@ def _decode(key_id: str, fields: dict[bytes, bytes]) -> ApiKey:
         scopes=frozenset(scopes.decode().split(",")) - {""} if scopes is not None else DEFAULT_SCOPES,
         expires_at=expires_at or None,
         monthly_budget_nano_usd=int(budget) if budget else None,
+        limits=KeyLimits(**{field: _optional_int(fields.get(field.encode())) for field in _LIMIT_FIELDS}),
     )
+
+
+def _optional_int(value: bytes | None) -> int | None:
+    return int(value) if value else None

@@ -28,9 +28,10 @@ from redis.asyncio import Redis
 
 COUNTER_FIELDS: Final = ("requests", "prompt_tokens", "completion_tokens", "cost_nano_usd", "errors")
 
-# KEYS: seen, hour bucket, day bucket, month spend, events.
+# KEYS: seen, hour bucket, day bucket, month spend, events, the key's rate-limit window tokens and slots.
 # ARGV: seen_ttl, hour bucket expiry (Unix s), day bucket expiry (Unix s), events retention (s), model, prompt_tokens,
-# completion_tokens, cost_nano_usd, is_error, key field of the month spend, then the event's field/value pairs.
+# completion_tokens, cost_nano_usd, is_error, key field of the month spend, request id, then the event's field/value
+# pairs.
 _RECORD_SCRIPT: Final = """
 -- numbers are passed on as the strings they came in (a Lua number would print large values in exponent form)
 for i = 6, 9 do
@@ -54,7 +55,15 @@ redis.call('HINCRBY', KEYS[4], 'total', ARGV[8])
 redis.call('HINCRBY', KEYS[4], ARGV[10], ARGV[8])
 local now = redis.call('TIME')
 local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
-redis.call('XADD', KEYS[5], 'MINID', '~', string.format('%d', oldest), '*', unpack(ARGV, 11))
+redis.call('XADD', KEYS[5], 'MINID', '~', string.format('%d', oldest), '*', unpack(ARGV, 12))
+-- the rate-limit window keeps the tokens used instead of those reserved (billing/limits.py); the slot is free
+local reserved = redis.call('HGET', KEYS[6], ARGV[11])
+if reserved then
+  local used = tonumber(ARGV[6]) + tonumber(ARGV[7])
+  redis.call('HINCRBY', KEYS[6], '__total', used - tonumber(reserved))
+  redis.call('HSET', KEYS[6], ARGV[11], used)
+end
+redis.call('ZREM', KEYS[7], ARGV[11])
 return 1
 """
 
@@ -103,6 +112,16 @@ def month_of(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y%m")
 
 
+def rate_keys(tenant: str, key_id: str) -> tuple[str, str, str]:
+    """A key's rate-limit window (sorted set), its tokens (hash) and its stream slots (sorted set): see
+    billing/limits.py."""
+    return (
+        tenant_key(tenant, "rl", key_id, "w"),
+        tenant_key(tenant, "rl", key_id, "wt"),
+        tenant_key(tenant, "rl", key_id, "c"),
+    )
+
+
 def spend_key(tenant: str, month: str) -> str:
     """The hash of ``tenant``'s spend in ``month`` (``YYYYMM``): ``total`` and ``key:<key_id>``, in nano-dollars."""
     return tenant_key(tenant, "spend", "m", month)
@@ -133,6 +152,7 @@ class Ledger:
             tenant_key(record.tenant, "usage", "d", hour[:8]),
             spend_key(record.tenant, month_of(record.started_at)),
             tenant_key(record.tenant, "events"),
+            *rate_keys(record.tenant, record.key_id)[1:],
         ]
         event = {
             "request_id": record.request_id,
@@ -157,6 +177,7 @@ class Ledger:
             record.cost_nano_usd,
             int(record.is_error),
             f"key:{record.key_id}",
+            record.request_id,
         ]
         for name, value in event.items():
             args += [name, value]

@@ -91,6 +91,21 @@ class UpstreamSettings:
 
 
 @_frozen
+class RateLimits:
+    requests_per_minute: int = 0  # 0: no limit
+    tokens_per_minute: int = 0  # prompt + max_tokens reserved at admission, the real count at the end
+    concurrent_streams: int = 0  # requests running at once (streamed or not)
+
+
+@_frozen
+class LimitSettings:
+    default: RateLimits = RateLimits()  # every key's limits, unless its tenant or the key itself has others
+    tenants: Mapping[str, RateLimits] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    on_redis_error: Literal["allow", "refuse"] = "allow"  # limits cannot be checked: let the request through
+    slot_ttl_seconds: float = 600.0  # a concurrency slot whose gateway died (so never released) frees after this
+
+
+@_frozen
 class LedgerSettings:
     seen_ttl_seconds: int = 3_024_000
     events_retention_seconds: int = 3_024_000
@@ -144,6 +159,7 @@ class Settings:
     auth: AuthSettings = AuthSettings()
     admin: AdminSettings = AdminSettings()
     budgets: BudgetSettings = BudgetSettings()
+    limits: LimitSettings = LimitSettings()
     validation: ValidationSettings = ValidationSettings()
     tokenizer: TokenizerSettings = TokenizerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -254,6 +270,7 @@ def _check(settings: Settings) -> None:
         "ledger.seen_ttl_seconds": settings.ledger.seen_ttl_seconds,
         "ledger.events_retention_seconds": settings.ledger.events_retention_seconds,
         "ledger.spool_replay_interval_seconds": settings.ledger.spool_replay_interval_seconds,
+        "limits.slot_ttl_seconds": settings.limits.slot_ttl_seconds,
     }
     for key, value in positive.items():
         if value <= 0:

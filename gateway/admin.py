@@ -14,7 +14,7 @@ Routes::
     POST   /admin/v1/keys                                  create a key (its secret is in this answer only)
     GET    /admin/v1/keys?tenant=                          list keys
     GET    /admin/v1/keys/{key_id}                         one key
-    PATCH  /admin/v1/keys/{key_id}                         set or clear its monthly budget
+    PATCH  /admin/v1/keys/{key_id}                         set its monthly budget and/or rate limits
     DELETE /admin/v1/keys/{key_id}                         revoke it
     POST   /admin/v1/keys/{key_id}/rotate                  issue a successor, retire it (now or after a grace)
     GET    /admin/v1/tenants/{tenant}/budget               a tenant's budget and spend this month
@@ -24,6 +24,7 @@ Routes::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +39,7 @@ from billing import (
     ApiKey,
     InvalidBudgetError,
     InvalidKeySettingError,
+    KeyLimits,
     ReportQueryError,
     check_tenant,
     format_usd,
@@ -126,7 +128,7 @@ async def list_tenants(request: Request) -> Response:
 async def create_key(request: Request) -> Response:
     deps = await _admin(request)
     body = await _body(request)
-    _only(body, {"tenant", "name", "scopes", "expires_at", "expires_in_seconds", "monthly_budget_usd"})
+    _only(body, {"tenant", "name", "scopes", "expires_at", "expires_in_seconds", "monthly_budget_usd", "limits"})
     tenant = body.get("tenant")
     if not isinstance(tenant, str):
         raise InvalidQueryError("'tenant': required, the account id the key belongs to")
@@ -144,6 +146,7 @@ async def create_key(request: Request) -> Response:
                 scopes=scopes,
                 expires_at=_expiry(body, deps.clock()),
                 monthly_budget_nano_usd=_budget_field(body),
+                limits=_limits_field(body, KeyLimits()),
             )
         )
     except InvalidKeySettingError as exc:
@@ -167,10 +170,14 @@ async def update_key(request: Request) -> Response:
     deps = await _admin(request)
     key = await _key(deps, request)
     body = await _body(request)
-    _only(body, {"monthly_budget_usd"})
-    if "monthly_budget_usd" not in body:
-        raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"5.00\", or null for none)")
-    updated = await _redis(deps.keys.set_budget(key.key_id, _budget_field(body)))
+    _only(body, {"monthly_budget_usd", "limits"})
+    if not body:
+        raise InvalidQueryError("'monthly_budget_usd': give it (\"5.00\", or null for none) and/or 'limits'")
+    updated: ApiKey | None = key
+    if "monthly_budget_usd" in body:
+        updated = await _redis(deps.keys.set_budget(key.key_id, _budget_field(body)))
+    if "limits" in body and updated is not None:
+        updated = await _redis(deps.keys.set_limits(key.key_id, _limits_field(body, key.limits)))
     if updated is None:
         raise NotFoundError(f"No key with id {key.key_id}")
     return render_result(updated.as_dict())
@@ -339,6 +346,18 @@ def _budget_field(body: Mapping[str, Any]) -> int | None:
         return parse_usd(str(value))
     except InvalidBudgetError as exc:
         raise InvalidQueryError(f"'monthly_budget_usd': {exc}") from None
+
+
+def _limits_field(body: Mapping[str, Any], current: KeyLimits) -> KeyLimits:
+    """``limits`` of a body: the names given replace ``current``'s (null: the tenant's limit, 0: none)."""
+    given = body.get("limits", {})
+    names = {field.name for field in dataclasses.fields(KeyLimits)}
+    if not isinstance(given, dict) or set(given) - names:
+        raise InvalidQueryError(f"'limits': expected an object with {', '.join(sorted(names))}")
+    try:
+        return dataclasses.replace(current, **given)
+    except InvalidKeySettingError as exc:
+        raise InvalidQueryError(f"'limits': {exc}") from None
 
 
 def _expiry(body: Mapping[str, Any], now: float) -> float | None:

@@ -12,27 +12,36 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final
 
 import anyio.to_thread
 from redis.exceptions import RedisError
 
 from billing import (
+    AdmissionDecision,
     ApiKey,
-    BudgetCheck,
-    Budgets,
     ChatTemplateError,
+    Limits,
     PromptCounter,
     cost_nano_usd,
     format_usd,
     price_of,
     raw_upper_bound,
 )
-from config import ModelSettings
-from gateway.errors import BudgetExceededError, ContextLengthError, InvalidRequestError, KeyStoreUnavailableError
+from config import LimitSettings, ModelSettings
+from gateway.errors import (
+    BudgetExceededError,
+    ContextLengthError,
+    InvalidRequestError,
+    KeyStoreUnavailableError,
+    RateLimitedError,
+    TollgateError,
+)
 from gateway.translate import is_bos_prefixed, upstream_messages, upstream_tools
 from gateway.validate import InferenceJob
+
+if TYPE_CHECKING:
+    from gateway.deps import Dependencies
 
 logger = logging.getLogger(__name__)
 
@@ -64,47 +73,128 @@ async def admit(job: InferenceJob, model: ModelSettings, counter: PromptCounter)
     return Admission(job, prompt_tokens, prompt_tokens)
 
 
-async def admit_spend(
-    admission: Admission,
-    key: ApiKey,
-    model: ModelSettings,
-    counter: PromptCounter,
-    budgets: Budgets,
-    *,
-    clock: Callable[[], float],
-    on_redis_error: Literal["refuse", "allow"],
-) -> tuple[Admission, float]:
-    """Check ``admission`` against the monthly budgets in one Redis round trip; the admission (with its exact
-    prompt count if the check needed it) and its start time by Redis's clock, which dates its bill.
+async def admit_request(
+    admission: Admission, key: ApiKey, request_id: str, deps: Dependencies
+) -> tuple[Admission, float, dict[str, str]]:
+    """Check ``admission`` against the monthly budgets and the key's rate limits in one Redis round trip, and take
+    its place in the limits. Returns the admission (with its exact prompt count if the check needed it), its start
+    time by Redis's clock (which dates its bill), and the rate-limit headers for its response.
 
-    Raises 429 / 3036 when a budget would be passed, and 503 / 5530 when Redis cannot be reached (unless
-    ``on_redis_error`` is ``"allow"``: then the request goes on unchecked, dated by this replica's clock)."""
-    try:
-        check = await budgets.check(key, clock())
-    except RedisError as exc:
-        if on_redis_error == "allow":
-            logger.warning("budgets unchecked, Redis unreachable: %r", exc)
-            return admission, clock()
-        logger.error("cannot check budgets, Redis unreachable: %r", exc)
-        raise KeyStoreUnavailableError() from exc
+    Raises 429 / 3036 when a budget would be passed, 429 / 5429 over a rate limit, and 503 / 5530 when Redis cannot
+    be reached and ``budgets.on_redis_error`` or ``limits.on_redis_error`` says refuse (else the request goes on
+    unchecked, dated by this replica's clock, and counted in ``tollgate_admission_unchecked_total``)."""
     job = admission.job
+    model = deps.settings.models[job.model]
+    counter = deps.counters[job.model]
+    limits = effective_limits(key, deps.settings.limits)
+    if limits.tokens_per_minute and admission.prompt_tokens is None:  # reserve what the request really needs
+        admission = await _counted(admission, counter)
     price = price_of(model)
-    if admission.prompt_tokens is None and check.exceeded_by(
-        cost_nano_usd(price, admission.prompt_bound, job.max_tokens)
-    ):
-        exact = await count_prompt_async(job, counter, size_bytes=admission.prompt_bound)
-        admission = dataclasses.replace(admission, prompt_tokens=exact, prompt_bound=exact)
-    max_cost = cost_nano_usd(price, admission.prompt_bound, job.max_tokens)
-    if check.exceeded_by(max_cost):
-        raise BudgetExceededError(_budget_message(check, max_cost))
-    return admission, check.now
+    default_cap = deps.settings.budgets.default_monthly_nano_usd or None
+    while True:
+        max_cost = cost_nano_usd(price, admission.prompt_bound, job.max_tokens)
+        try:
+            decision = await deps.limiter.admit(
+                key,
+                limits,
+                request_id=request_id,
+                reserve_tokens=admission.prompt_bound + job.max_tokens,
+                max_cost_nano_usd=max_cost,
+                now_hint=deps.clock(),
+                default_cap_nano_usd=default_cap,
+            )
+        except RedisError as exc:
+            return admission, _unchecked(exc, deps), {}
+        if decision.verdict.startswith("budget") and admission.prompt_tokens is None:
+            admission = await _counted(admission, counter)  # the cheap bound was too high to tell: count, ask again
+            continue
+        break
+    headers = rate_limit_headers(decision)
+    if decision.verdict in ("budget_key", "budget_tenant"):
+        error: TollgateError = BudgetExceededError(_budget_message(decision, max_cost))
+    elif decision.verdict != "ok":
+        error = RateLimitedError(_limit_message(decision, admission.prompt_bound + job.max_tokens), _retry(decision))
+    else:
+        return admission, decision.now, headers
+    error.extra_headers.update(headers)
+    raise error
 
 
-def _budget_message(check: BudgetCheck, max_cost: int) -> str:
-    which = check.exceeded_by(max_cost)
-    cap, spent = (check.key_cap, check.key_spent) if which == "key" else (check.tenant_cap, check.tenant_spent)
-    owner = "this key's" if which == "key" else "the account's"
-    resets = dt.datetime.fromtimestamp(check.resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def effective_limits(key: ApiKey, config: LimitSettings) -> Limits:
+    """The key's own limits where it has them, else its tenant's from the config, else the default."""
+    tenant = config.tenants.get(key.tenant, config.default)
+    own = key.limits
+    return Limits(
+        requests_per_minute=_first(own.requests_per_minute, tenant.requests_per_minute),
+        tokens_per_minute=_first(own.tokens_per_minute, tenant.tokens_per_minute),
+        concurrent_streams=_first(own.concurrent_streams, tenant.concurrent_streams),
+    )
+
+
+def rate_limit_headers(decision: AdmissionDecision) -> dict[str, str]:
+    """``x-ratelimit-*`` for the limits the key has: the limit, what is left of it in the current minute, and the
+    time until the oldest request of the window leaves it (freeing a request and its tokens)."""
+    limits, headers = decision.limits, {}
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    if rpm:
+        headers["x-ratelimit-limit-requests"] = str(rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, rpm - decision.requests_in_window))
+        headers["x-ratelimit-reset-requests"] = f"{decision.requests_reset_seconds:.3f}s"
+    if tpm:
+        headers["x-ratelimit-limit-tokens"] = str(tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, tpm - decision.tokens_in_window))
+        refused = decision.verdict == "tokens"
+        reset = decision.tokens_reset_seconds if refused else decision.requests_reset_seconds
+        headers["x-ratelimit-reset-tokens"] = f"{reset:.3f}s"
+    return headers
+
+
+async def _counted(admission: Admission, counter: PromptCounter) -> Admission:
+    exact = await count_prompt_async(admission.job, counter, size_bytes=admission.prompt_bound)
+    return dataclasses.replace(admission, prompt_tokens=exact, prompt_bound=exact)
+
+
+def _unchecked(exc: RedisError, deps: Dependencies) -> float:
+    refuse = "refuse" in (deps.settings.budgets.on_redis_error, deps.settings.limits.on_redis_error)
+    deps.metrics.admission_unchecked.labels("refused" if refuse else "allowed").inc()
+    if refuse:
+        logger.error("cannot check budgets and limits, Redis unreachable: %r", exc)
+        raise KeyStoreUnavailableError() from exc
+    logger.warning("budgets and limits unchecked, Redis unreachable: %r", exc)
+    return deps.clock()
+
+
+def _first(own: int | None, inherited: int) -> int:
+    return inherited if own is None else own
+
+
+def _retry(decision: AdmissionDecision) -> float | None:
+    return None if decision.verdict == "tokens_too_large" else decision.retry_after_seconds
+
+
+def _limit_message(decision: AdmissionDecision, reserve: int) -> str:
+    limits = decision.limits
+    if decision.verdict == "requests":
+        return f"Rate limited: this key may make {limits.requests_per_minute} requests per minute"
+    if decision.verdict == "streams":
+        return f"Rate limited: this key may run {limits.concurrent_streams} requests at once"
+    if decision.verdict == "tokens":
+        return (
+            f"Rate limited: this key may use {limits.tokens_per_minute} tokens per minute; this request reserves "
+            f"{reserve} (prompt + max_tokens) and {decision.tokens_in_window} are in use"
+        )
+    return (
+        f"This request reserves {reserve} tokens (prompt + max_tokens), more than this key's limit of "
+        f"{limits.tokens_per_minute} tokens per minute: lower max_tokens"
+    )
+
+
+def _budget_message(decision: AdmissionDecision, max_cost: int) -> str:
+    if decision.verdict == "budget_key":
+        owner, cap, spent = "this key's", decision.key_cap, decision.key_spent
+    else:
+        owner, cap, spent = "the account's", decision.tenant_cap, decision.tenant_spent
+    resets = dt.datetime.fromtimestamp(decision.budget_resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (
         f"Account limited: {owner} monthly budget of ${format_usd(cap or 0)} would be passed "
         f"(${format_usd(spent)} spent this month; this request may cost up to ${format_usd(max_cost)}). "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -25,6 +26,7 @@ from billing import (
     Budgets,
     InvalidBudgetError,
     InvalidKeySettingError,
+    KeyLimits,
     KeyStore,
     Ledger,
     ReportQueryError,
@@ -102,6 +104,7 @@ def _add_key_commands(commands: Any) -> list[argparse.ArgumentParser]:
     create.add_argument("--expires-at", help="expiry, ISO 8601 (UTC if no offset) or Unix seconds")
     create.add_argument("--expires-in", type=float, metavar="SECONDS", help="expiry, in seconds from now")
     create.add_argument("--monthly-budget-usd", help="the key's own spend cap per calendar month (UTC), e.g. 5.00")
+    _add_limit_options(create)
     create.set_defaults(handler=_keys_create)
     listing = key_commands.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--tenant", help="only this account's keys")
@@ -116,7 +119,21 @@ def _add_key_commands(commands: Any) -> list[argparse.ArgumentParser]:
         "--grace-seconds", type=float, default=0.0, help="keep the old key working this long (default: 0)"
     )
     rotate.set_defaults(handler=_keys_rotate)
-    return [create, listing, revoke, rotate]
+    limits = key_commands.add_parser("limits", help="set a key's own rate limits")
+    limits.add_argument("key_id")
+    _add_limit_options(limits)
+    limits.set_defaults(handler=_keys_limits)
+    return [create, listing, revoke, rotate, limits]
+
+
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    for option, what in (("--rpm", "requests"), ("--tpm", "tokens"), ("--streams", "concurrent streams")):
+        parser.add_argument(
+            option,
+            type=_limit_value,
+            metavar="N",
+            help=f"{what} {'at once' if option == '--streams' else 'per minute'} (0: no limit; 'tenant': its default)",
+        )
 
 
 def _add_budget_commands(commands: Any) -> list[argparse.ArgumentParser]:
@@ -191,6 +208,7 @@ def _keys_create(args: argparse.Namespace) -> int:
             scopes=args.scope or DEFAULT_SCOPES,
             expires_at=expires_at,
             monthly_budget_nano_usd=budget,
+            limits=_limits_from(args, KeyLimits()),
         )
         _print_record(issued.record)
         print(f"key:      {issued.secret_key}")
@@ -249,6 +267,45 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, rotate)
+
+
+def _keys_limits(args: argparse.Namespace) -> int:
+    async def set_limits(redis: Redis, settings: Settings) -> int:
+        store = KeyStore(redis)
+        key = await store.get(args.key_id)
+        updated = await store.set_limits(args.key_id, _limits_from(args, key.limits)) if key is not None else None
+        if updated is None:
+            return _no_such_key(args.key_id)
+        _print_record(updated)
+        return 0
+
+    return _run(args, set_limits)
+
+
+_TENANT_DEFAULT = -1  # --rpm tenant: the key follows its tenant's limit
+
+
+def _limit_value(text: str) -> int:
+    if text == "tenant":
+        return _TENANT_DEFAULT
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'tenant', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'tenant', got {text!r}")
+    return value
+
+
+def _limits_from(args: argparse.Namespace, current: KeyLimits) -> KeyLimits:
+    """``current`` with the options given: a number, or ``tenant`` for the tenant's limit."""
+    changes = {}
+    options = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute", "streams": "concurrent_streams"}
+    for option, name in options.items():
+        value = getattr(args, option)
+        if value is not None:
+            changes[name] = None if value == _TENANT_DEFAULT else value
+    return dataclasses.replace(current, **changes)
 
 
 def _budget_show(args: argparse.Namespace) -> int:
@@ -346,6 +403,9 @@ def _print_record(record: ApiKey) -> None:
         print(f"expires:  {_iso(record.expires_at)}")
     if record.monthly_budget_nano_usd is not None:
         print(f"budget:   ${format_usd(record.monthly_budget_nano_usd)} per month (UTC)")
+    own = {name: value for name, value in record.limits.as_dict().items() if value is not None}
+    if own:
+        print("limits:   " + ", ".join(f"{name} {value}" for name, value in own.items()))
 
 
 def _no_such_key(key_id: str) -> int:

@@ -23,6 +23,7 @@ from billing import (
     JinjaChatTemplate,
     KeyStore,
     Ledger,
+    Limiter,
     PromptCounter,
     Retention,
     Spool,
@@ -66,6 +67,7 @@ class Dependencies:
     ledger: Ledger
     durable_ledger: DurableLedger  # the bill step's ledger: spools what cannot reach Redis, replays it later
     budgets: Budgets
+    limiter: Limiter  # admission: Redis time, budgets and rate limits in one round trip
     tokenizer: Tokenizer
     counters: Mapping[str, PromptCounter]  # per model: its workers' chat template + the tokenizer
     metrics: GatewayMetrics
@@ -150,6 +152,7 @@ def build_dependencies(
         ledger=ledger,
         durable_ledger=durable_ledger,
         budgets=Budgets(redis, default_monthly_nano_usd=settings.budgets.default_monthly_nano_usd or None),
+        limiter=Limiter(redis, slot_ttl_seconds=settings.limits.slot_ttl_seconds),
         tokenizer=tokenizer,
         counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
         metrics=GatewayMetrics(registry),

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.admit import admit, admit_spend
+from gateway.admit import admit, admit_request
 from gateway.deps import Dependencies
 from gateway.errors import UnknownModelError
 from gateway.relay import Caller, Relay
@@ -28,18 +28,12 @@ async def run_model(request: Request) -> Relay:
         job = _parse_and_validate(raw, model, deps)
     else:  # a large body takes milliseconds to parse and check: keep the event loop free for the streams
         job = await anyio.to_thread.run_sync(_parse_and_validate, raw, model, deps)
-    settings = deps.settings.models[model]
-    admission = await admit(job, settings, deps.counters[model])
-    admission, started_at = await admit_spend(
-        admission,
-        key,
-        settings,
-        deps.counters[model],
-        deps.budgets,
-        clock=deps.clock,
-        on_redis_error=deps.settings.budgets.on_redis_error,
+    admission = await admit(job, deps.settings.models[model], deps.counters[model])
+    request_id = request.state.request_id
+    admission, started_at, rate_headers = await admit_request(admission, key, request_id, deps)
+    caller = Caller(
+        request_id=request_id, tenant=key.tenant, key_id=key.key_id, started_at=started_at, headers=rate_headers
     )
-    caller = Caller(request_id=request.state.request_id, tenant=key.tenant, key_id=key.key_id, started_at=started_at)
     return Relay(admission, caller, deps)  # meters and bills in its own finally
 
 

@@ -14,6 +14,7 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     ├── MethodNotAllowedError           405  7001  wrong HTTP method on a known route
     ├── JsonModeError                   422  5022  JSON mode: the model's answer is not JSON
     ├── BudgetExceededError             429  3036  the tenant's or key's monthly budget would be passed
+    ├── RateLimitedError                429  5429  the key's requests/tokens per minute or concurrent streams
     ├── InvalidQueryError               400  5006  a usage or admin query parameter is wrong (names it)
     ├── NotFoundError                   404  7003  no such key (admin routes)
     ├── KeyStoreUnavailableError        503  5530  Redis (keys) cannot be reached: retry later
@@ -28,6 +29,7 @@ Workers AI contract (../shared/spec/workers-ai-api.md, section 6).
 from __future__ import annotations
 
 import json
+import math
 from typing import ClassVar
 
 from starlette.responses import Response
@@ -45,11 +47,12 @@ class TollgateError(Exception):
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
+        self.extra_headers: dict[str, str] = {}  # added where it is raised or passes (e.g. rate-limit state)
         super().__init__(self.message)
 
     @property
     def headers(self) -> dict[str, str]:
-        """Extra response headers this error calls for."""
+        """Extra response headers this kind of error calls for."""
         return {}
 
 
@@ -147,6 +150,24 @@ class BudgetExceededError(TollgateError):
         return {"x-should-retry": "false"}
 
 
+class RateLimitedError(TollgateError):
+    """A key's requests, tokens or concurrent streams per its limits. Tollgate's own code: Workers AI's 3040 means the
+    fleet is busy for everyone, 3036 a used-up allocation; this one is the caller's own pace, and passes with time."""
+
+    status_code = 429
+    code = 5429
+
+    def __init__(self, message: str, retry_after_seconds: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_seconds is None:  # it can never pass as it is
+            return {"x-should-retry": "false"}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after_seconds)))}
+
+
 class KeyStoreUnavailableError(TollgateError):
     status_code = 503
     code = 5530
@@ -186,5 +207,5 @@ def render_result(result: object, status: int = 200) -> Response:
 def render_error(exc: TollgateError, headers: dict[str, str] | None = None) -> Response:
     """Render ``exc`` as a Workers AI error response: the only code that knows the envelope's HTTP shape."""
     body = json.dumps(error_body(exc.code, exc.message), ensure_ascii=False, separators=(",", ":"))
-    headers = {**usage_headers(Usage(), 0), **exc.headers, **(headers or {})}
+    headers = {**usage_headers(Usage(), 0), **exc.headers, **exc.extra_headers, **(headers or {})}
     return Response(body, status_code=exc.status_code, headers=headers, media_type="application/json")

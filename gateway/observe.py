@@ -17,6 +17,12 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.admission_unchecked = Counter(
+            "tollgate_admission_unchecked",
+            "Admissions whose budgets and rate limits could not be checked (Redis unreachable), by outcome",
+            ["outcome"],
+            registry=registry,
+        )
         self.token_count_mismatches = Counter(
             "tollgate_token_count_mismatches",
             "Requests whose worker-reported token count disagreed with the gateway's own (kind: prompt, completion)",

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -119,6 +119,7 @@ class Caller:
     tenant: str
     key_id: str
     started_at: float
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)  # rate-limit state, for every response
 
 
 class Relay:
@@ -151,6 +152,7 @@ class Relay:
                 await (self._stream(send_while_connected) if self.job.stream else self._respond(send_while_connected))
         except TollgateError as exc:
             self.status = _status_of(exc)
+            exc.extra_headers.update(self.caller.headers)
             raise
         except asyncio.CancelledError:
             self.status = "cancelled"  # the server is shutting down past its grace period: bill what was relayed
@@ -236,7 +238,12 @@ class Relay:
         result = {"response": answer, "tool_calls": tool_calls, "usage": usage_with_cost(usage, cost)}
         payload = {"result": result, "success": True, "errors": [], "messages": []}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *_encode(usage_headers(usage, cost))]
+        headers = [
+            *_JSON_HEADERS,
+            (b"content-length", str(len(body)).encode()),
+            *_encode(usage_headers(usage, cost)),
+            *_encode(self.caller.headers),
+        ]
         self._complete = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -248,7 +255,11 @@ class Relay:
         if self._prompt_tokens is None:  # counted while the worker starts generating; the bill needs it anyway
             self._prompt_tokens = await self._count_prompt()
         # The stream's final usage event carries the completion tokens and the cost; the headers, the prompt tokens.
-        headers = [*_sse.SSE_HEADERS, (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode())]
+        headers = [
+            *_sse.SSE_HEADERS,
+            (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode()),
+            *_encode(self.caller.headers),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         self.meter.answered = True
         tool_calls = _answers.ToolCallBuffer()
@@ -348,7 +359,7 @@ class Relay:
             logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
 
 
-def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in headers.items()]
 
 

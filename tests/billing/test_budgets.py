@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import time
 from typing import Any
@@ -11,12 +10,14 @@ import pytest
 from redis.asyncio import Redis
 
 from billing import (
+    AdmissionDecision,
     ApiKey,
-    BudgetCheck,
     Budgets,
     InvalidBudgetError,
     KeyStore,
     Ledger,
+    Limiter,
+    Limits,
     UsageRecord,
     month_bounds,
     month_of,
@@ -81,28 +82,31 @@ def test_month_bounds_are_utc_calendar_months() -> None:
     assert end - start == 28 * 86400
 
 
-def test_budget_check_refuses_only_past_the_cap_and_names_the_key_first() -> None:
-    check = BudgetCheck(now=0, month="202611", tenant_cap=100, tenant_spent=60, key_cap=50, key_spent=10)
-    assert check.exceeded_by(40) is None  # 10 + 40 == 50 and 60 + 40 == 100: exactly at both caps
-    assert check.exceeded_by(41) == "key"  # both passed: the key's budget is named
-    assert dataclasses.replace(check, key_cap=None).exceeded_by(40) is None
-    assert dataclasses.replace(check, key_cap=None).exceeded_by(41) == "tenant"
-    assert dataclasses.replace(check, key_cap=1000).exceeded_by(41) == "tenant"
-    no_caps = dataclasses.replace(check, key_cap=None, tenant_cap=None)
-    assert no_caps.exceeded_by(10**18) is None
-    assert check.resets_at == utc(2026, 12, 1)
+async def check(
+    redis: Redis, key: ApiKey, *, cost: int = 0, now_hint: float | None = None, default: int | None = None
+) -> AdmissionDecision:
+    """The admission check with no rate limits: budgets only (it writes nothing)."""
+    return await Limiter(redis, slot_ttl_seconds=60).admit(
+        key,
+        Limits(),
+        request_id="probe",
+        reserve_tokens=0,
+        max_cost_nano_usd=cost,
+        now_hint=time.time() if now_hint is None else now_hint,
+        default_cap_nano_usd=default,
+    )
 
 
 async def test_budgets_check_reads_redis_time_and_the_current_month(redis: Redis) -> None:
-    budgets = Budgets(redis, default_monthly_nano_usd=5_000)
     before = time.time()
-    check = await budgets.check(make_key(budget=7), before)
-    assert before - 1 <= check.now <= time.time() + 1
-    assert check.month == month_of(check.now)
-    assert (check.tenant_cap, check.tenant_spent, check.key_cap, check.key_spent) == (5_000, 0, 7, 0)
-    # a replica whose clock says another month is corrected by Redis's clock
-    skewed = await budgets.check(make_key(), before - 40 * 86400)
-    assert skewed.month == month_of(skewed.now)
+    decision = await check(redis, make_key(budget=7), default=5_000)
+    assert before - 1 <= decision.now <= time.time() + 1
+    assert (decision.tenant_cap, decision.tenant_spent, decision.key_cap, decision.key_spent) == (5_000, 0, 7, 0)
+    # a replica whose clock says another month reads this month's spend: Redis's clock decides
+    await Ledger(redis).record(make_record("r1", "aaaaaaaaaaaa", 42))
+    skewed = await check(redis, make_key(), now_hint=before - 40 * 86400)
+    assert skewed.tenant_spent == 42 and skewed.admitted
+    assert [key async for key in redis.scan_iter("tg:{acct-a}:rl:*")] == []  # no limits, nothing written
 
 
 async def test_budgets_tenant_cap_default_explicit_none_and_reset(redis: Redis) -> None:
@@ -111,17 +115,18 @@ async def test_budgets_tenant_cap_default_explicit_none_and_reset(redis: Redis) 
     assert await budgets.tenant_budget("acct-a") == (5_000_000_000, True)
     await budgets.set_tenant_budget("acct-a", 25_000_000_000)
     assert await budgets.tenant_budget("acct-a") == (25_000_000_000, False)
-    assert (await budgets.check(key, time.time())).tenant_cap == 25_000_000_000
+    assert (await check(redis, key, default=5_000_000_000)).tenant_cap == 25_000_000_000
     await budgets.set_tenant_budget("acct-a", None)  # no cap at all, not even the default
     assert await budgets.tenant_budget("acct-a") == (None, False)
-    assert (await budgets.check(key, time.time())).tenant_cap is None
+    assert (await check(redis, key, default=5_000_000_000)).tenant_cap is None
     await budgets.reset_tenant_budget("acct-a")
     assert await budgets.tenant_budget("acct-a") == (5_000_000_000, True)
-    assert (await budgets.check(key, time.time())).tenant_cap == 5_000_000_000
+    assert (await check(redis, key, default=5_000_000_000)).tenant_cap == 5_000_000_000
     await budgets.set_tenant_budget("acct-a", 0)  # a cap of zero is a cap
-    assert (await budgets.check(key, time.time())).exceeded_by(1) == "tenant"
+    assert (await check(redis, key, cost=1)).verdict == "budget_tenant"
+    assert (await check(redis, key, cost=0)).admitted
     assert await Budgets(redis, default_monthly_nano_usd=None).tenant_budget("acct-b") == (None, True)
-    assert (await budgets.check(make_key("acct-b"), time.time())).tenant_cap == 5_000_000_000  # one tenant's cap only
+    assert (await check(redis, make_key("acct-b"), default=5_000_000_000)).tenant_cap == 5_000_000_000  # A's cap only
     with pytest.raises(InvalidBudgetError):
         await budgets.set_tenant_budget("acct-a", -1)
 
@@ -139,11 +144,12 @@ async def test_budgets_check_sees_the_ledgers_spend_of_this_month_by_tenant_and_
     last_month = month_bounds(month_of(time.time()))[0] - 1
     await ledger.record(make_record("r5", mine.key_id, 999_999, started_at=last_month))
 
-    check = await Budgets(redis, default_monthly_nano_usd=None).check(mine, time.time())
-    assert (check.tenant_spent, check.key_cap, check.key_spent) == (821_230, 1_000_000, 816_230)
-    assert check.exceeded_by(183_770) is None and check.exceeded_by(183_771) == "key"
-    check = await Budgets(redis, default_monthly_nano_usd=None).check(other, time.time())
-    assert (check.tenant_spent, check.key_cap, check.key_spent) == (821_230, None, 5_000)
+    decision = await check(redis, mine)
+    assert (decision.tenant_spent, decision.key_cap, decision.key_spent) == (821_230, 1_000_000, 816_230)
+    assert (await check(redis, mine, cost=183_770)).admitted  # exactly at the key's cap
+    assert (await check(redis, mine, cost=183_771)).verdict == "budget_key"
+    decision = await check(redis, other)
+    assert (decision.tenant_spent, decision.key_cap, decision.key_spent) == (821_230, None, 5_000)
 
 
 def make_record(request_id: str, key_id: str, cost_nano_usd: int, **changes: Any) -> UsageRecord:
