@@ -15,9 +15,9 @@ records the request in them:
 
 Redis layout (all under the tenant's hash tag, so the script touches one Cluster slot)::
 
-    tg:{<tenant>}:rl:<key_id>:w     sorted set: request id → admission time (ms)
+    tg:{<tenant>}:rl:<key_id>:w     sorted set: request id → admission time (µs, Redis TIME)
     tg:{<tenant>}:rl:<key_id>:wt    hash: request id → reserved (then used) tokens, and "__total"
-    tg:{<tenant>}:rl:<key_id>:c     sorted set: request id → slot expiry (ms)
+    tg:{<tenant>}:rl:<key_id>:c     sorted set: request id → slot expiry (µs)
 
 Budget amounts are compared as Lua numbers: exact up to 2^53 nano-dollars (about $9 million a month).
 """
@@ -40,7 +40,7 @@ WINDOW_SECONDS: Final = 60
 #       rpm, tpm, streams (0: none), request id, tokens to reserve, slot ttl (ms), the month's bounds (Unix s).
 _ADMIT_SCRIPT: Final = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- microseconds, as the ledger dates requests
 local cap = redis.call('HGET', KEYS[1], 'monthly_nano_usd')
 if not cap then cap = ARGV[2] end
 local spent = redis.call('HMGET', KEYS[2], 'total', ARGV[1])
@@ -56,7 +56,7 @@ if ARGV[3] ~= '' and key_spent + cost > tonumber(ARGV[3]) then return answer('bu
 if cap ~= '' and tenant_spent + cost > tonumber(cap) then return answer('budget_tenant') end
 
 local rpm, tpm, streams = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local id, reserve, window = ARGV[8], tonumber(ARGV[9]), 60000
+local id, reserve, window = ARGV[8], tonumber(ARGV[9]), 60000000
 -- a retry of an admission that went through (redis-py retries a call that timed out): admitted, nothing written
 if redis.call('ZSCORE', KEYS[3], id) or redis.call('ZSCORE', KEYS[5], id) then
   return answer('ok', redis.call('ZCARD', KEYS[3]), window, tonumber(redis.call('HGET', KEYS[4], '__total') or '0'),
@@ -94,8 +94,8 @@ local running = 0
 if streams > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   running = redis.call('ZCARD', KEYS[5])
-  if running >= streams then return answer('streams', count, frees_at, total, 0, running, 1000) end
-  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[10]), id)
+  if running >= streams then return answer('streams', count, frees_at, total, 0, running, 1000000) end
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[10]) * 1000, id)
   redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[10]))
   running = running + 1
 end
@@ -103,8 +103,8 @@ if rpm > 0 or tpm > 0 then
   redis.call('ZADD', KEYS[3], now, id)
   redis.call('HSET', KEYS[4], id, reserve)
   redis.call('HINCRBY', KEYS[4], '__total', reserve)
-  redis.call('PEXPIRE', KEYS[3], window * 2)
-  redis.call('PEXPIRE', KEYS[4], window * 2)
+  redis.call('PEXPIRE', KEYS[3], 120000)
+  redis.call('PEXPIRE', KEYS[4], 120000)
   count, total = count + 1, total + reserve
   if frees_at == 0 then frees_at = window end
 end
@@ -224,7 +224,7 @@ class Limiter:
 
 def _decision(reply: list[Any], key: ApiKey, limits: Limits) -> AdmissionDecision:
     verdict, seconds, micros, cap, tenant_spent, key_spent, *numbers = reply
-    count, frees_ms, total, tokens_wait_ms, running, retry_ms = (int(value) for value in numbers)
+    count, frees_us, total, tokens_wait_us, running, retry_us = (int(value) for value in numbers)
     return AdmissionDecision(
         verdict=_text(verdict),  # type: ignore[arg-type]
         now=int(seconds) + int(micros) / 1_000_000,
@@ -234,11 +234,11 @@ def _decision(reply: list[Any], key: ApiKey, limits: Limits) -> AdmissionDecisio
         key_spent=int(key_spent),
         limits=limits,
         requests_in_window=count,
-        requests_reset_seconds=frees_ms / 1000,
+        requests_reset_seconds=frees_us / 1_000_000,
         tokens_in_window=total,
-        tokens_reset_seconds=tokens_wait_ms / 1000,
+        tokens_reset_seconds=tokens_wait_us / 1_000_000,
         streams_running=running,
-        retry_after_seconds=retry_ms / 1000,
+        retry_after_seconds=retry_us / 1_000_000,
     )
 
 

@@ -85,10 +85,10 @@ def _wait_for_redis(port: int, proc: subprocess.Popen[bytes], deadline_seconds: 
 
 
 def start_tollgate(
-    args: Sequence[str], env: Mapping[str, str] | None = None, *, log: IO[bytes] | None = None
+    args: Sequence[str], env: Mapping[str, str] | None = None, *, log: IO[bytes] | int | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``tollgate <args>`` with this interpreter, in its own process group; its output goes to ``log`` if
-    given, else to this process's."""
+    """Start ``tollgate <args>`` with this interpreter, in its own process group; its output goes to ``log`` (a
+    file, or ``subprocess.DEVNULL``) if given, else to this process's."""
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *args],
         env={**os.environ, **(env or {})},

@@ -1,7 +1,7 @@
 """Admission (billing/limits.py) against a real Redis: monthly budgets, requests and tokens per minute over a sliding
 60 s window, concurrent-stream slots, and their reconciliation by the ledger script (billing/ledger.py).
 
-Waiting a minute is avoided by rewriting window scores (admission times, ms) in Redis to age entries."""
+Waiting a minute is avoided by rewriting window scores (admission times, µs) in Redis to age entries."""
 
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ async def bill(redis: Redis, request_id: str, prompt: int = 0, completion: int =
     return await Ledger(redis).record(record)
 
 
-async def redis_ms(redis: Redis) -> int:
+async def redis_us(redis: Redis) -> int:
     seconds, micros = await redis.time()
-    return seconds * 1000 + micros // 1000
+    return seconds * 1_000_000 + micros
 
 
-def ms_of(decision: AdmissionDecision) -> int:
-    """The script's own ``now`` (ms) behind ``decision.now``."""
-    return round(decision.now * 1_000_000) // 1000
+def us_of(decision: AdmissionDecision) -> int:
+    """The script's own ``now`` (µs) behind ``decision.now``."""
+    return round(decision.now * 1_000_000)
 
 
 async def window(redis: Redis) -> dict[str, int]:
@@ -80,8 +80,8 @@ async def slots(redis: Redis) -> dict[str, int]:
     return {member.decode(): int(score) for member, score in await redis.zrange(SLOTS, 0, -1, withscores=True)}
 
 
-async def age(redis: Redis, key: str, member: str, score_ms: int) -> None:
-    assert await redis.zadd(key, {member: score_ms}, xx=True, ch=True) == 1
+async def age(redis: Redis, key: str, member: str, score_us: int) -> None:
+    assert await redis.zadd(key, {member: score_us}, xx=True, ch=True) == 1
 
 
 async def snapshot(redis: Redis) -> dict[str, Any]:
@@ -121,7 +121,7 @@ async def test_requests_per_minute_refuses_the_sixth_and_writes_nothing(redis: R
     assert refused.requests_in_window == 5
     assert refused.tokens_in_window == 50
     assert 0 < refused.retry_after_seconds <= 60
-    expected = (first + 60_000 - ms_of(refused)) / 1000
+    expected = (first + 60_000_000 - us_of(refused)) / 1_000_000
     assert refused.retry_after_seconds == pytest.approx(expected, abs=0.002)
     assert refused.requests_reset_seconds == refused.retry_after_seconds
     assert await snapshot(redis) == before
@@ -132,12 +132,12 @@ async def test_requests_retry_after_is_when_the_oldest_leaves_the_window(redis: 
     limits = Limits(requests_per_minute=2)
     await admit(limiter, limits, "r0")
     await admit(limiter, limits, "r1")
-    now = await redis_ms(redis)
-    await age(redis, WINDOW, "r0", now - 50_000)  # admitted 50 s ago: leaves in 10 s
-    await age(redis, WINDOW, "r1", now - 20_000)
+    now = await redis_us(redis)
+    await age(redis, WINDOW, "r0", now - 50_000_000)  # admitted 50 s ago: leaves in 10 s
+    await age(redis, WINDOW, "r1", now - 20_000_000)
     refused = await admit(limiter, limits, "r2")
     assert refused.verdict == "requests"
-    expected = (now - 50_000 + 60_000 - ms_of(refused)) / 1000
+    expected = (now - 50_000_000 + 60_000_000 - us_of(refused)) / 1_000_000
     assert refused.retry_after_seconds == pytest.approx(expected, abs=0.002)
     assert 9.5 < refused.retry_after_seconds <= 10
 
@@ -148,7 +148,7 @@ async def test_requests_window_slides(redis: Redis) -> None:
     for i in range(5):
         assert (await admit(limiter, limits, f"r{i}", 10 + i)).admitted
     assert (await tokens(redis))["__total"] == 10 + 11 + 12 + 13 + 14
-    await age(redis, WINDOW, "r0", await redis_ms(redis) - 61_000)
+    await age(redis, WINDOW, "r0", await redis_us(redis) - 61_000_000)
 
     decision = await admit(limiter, limits, "r5", 20)
     assert decision.verdict == "ok"
@@ -172,7 +172,7 @@ async def test_tokens_per_minute_reservations(redis: Redis) -> None:
     refused = await admit(limiter, limits, "b", 500)
     assert (refused.verdict, refused.tokens_in_window) == ("tokens", 600)
     assert 0 < refused.retry_after_seconds <= 60
-    expected = ((await window(redis))["a"] + 60_000 - ms_of(refused)) / 1000
+    expected = ((await window(redis))["a"] + 60_000_000 - us_of(refused)) / 1_000_000
     assert refused.retry_after_seconds == pytest.approx(expected, abs=0.002)
     assert refused.tokens_reset_seconds == refused.retry_after_seconds
     assert await snapshot(redis) == before
@@ -198,12 +198,12 @@ async def test_tokens_retry_after_waits_for_enough_tokens_to_leave(redis: Redis)
     limits = Limits(tokens_per_minute=1000)
     for request_id, reserve in (("a", 300), ("b", 300), ("c", 400)):
         assert (await admit(limiter, limits, request_id, reserve)).admitted
-    now = await redis_ms(redis)
-    await age(redis, WINDOW, "a", now - 50_000)  # leaves in 10 s: not enough for 500
-    await age(redis, WINDOW, "b", now - 30_000)  # leaves in 30 s: then 400 are left, 500 fit
+    now = await redis_us(redis)
+    await age(redis, WINDOW, "a", now - 50_000_000)  # leaves in 10 s: not enough for 500
+    await age(redis, WINDOW, "b", now - 30_000_000)  # leaves in 30 s: then 400 are left, 500 fit
     refused = await admit(limiter, limits, "d", 500)
     assert refused.verdict == "tokens"
-    expected = (now - 30_000 + 60_000 - ms_of(refused)) / 1000
+    expected = (now - 30_000_000 + 60_000_000 - us_of(refused)) / 1_000_000
     assert refused.tokens_reset_seconds == pytest.approx(expected, abs=0.002)
     assert refused.retry_after_seconds == refused.tokens_reset_seconds
     assert refused.requests_reset_seconds == pytest.approx(expected - 20, abs=0.002)  # the oldest, "a"
@@ -231,7 +231,7 @@ async def test_billing_after_the_entry_left_the_window_changes_nothing(redis: Re
     limiter = Limiter(redis, slot_ttl_seconds=600)
     limits = Limits(tokens_per_minute=1000)
     assert (await admit(limiter, limits, "old", 600)).admitted
-    await age(redis, WINDOW, "old", await redis_ms(redis) - 61_000)
+    await age(redis, WINDOW, "old", await redis_us(redis) - 61_000_000)
     assert (await admit(limiter, limits, "new", 700)).tokens_in_window == 700  # "old" forgotten
     before = (await window(redis), await tokens(redis), await slots(redis))
     assert await bill(redis, "old", prompt=100, completion=50) is True
@@ -245,7 +245,7 @@ async def test_billing_before_pruning_still_balances(redis: Redis) -> None:
     limits = Limits(tokens_per_minute=1000)
     assert (await admit(limiter, limits, "old", 600)).admitted
     assert (await admit(limiter, limits, "kept", 100)).admitted
-    await age(redis, WINDOW, "old", await redis_ms(redis) - 61_000)
+    await age(redis, WINDOW, "old", await redis_us(redis) - 61_000_000)
     assert await bill(redis, "old", prompt=10, completion=5) is True
     decision = await admit(limiter, limits, "new", 200)
     assert decision.tokens_in_window == 300
@@ -261,7 +261,7 @@ async def test_concurrent_streams(redis: Redis) -> None:
     one = await admit(limiter, limits, "s1")
     two = await admit(limiter, limits, "s2")
     assert [(d.verdict, d.streams_running) for d in (one, two)] == [("ok", 1), ("ok", 2)]
-    assert await slots(redis) == {"s1": ms_of(one) + 600_000, "s2": ms_of(two) + 600_000}
+    assert await slots(redis) == {"s1": us_of(one) + 600_000_000, "s2": us_of(two) + 600_000_000}
     assert not await redis.exists(WINDOW, TOKENS)  # no rate limits: no window
 
     before = await snapshot(redis)
@@ -281,7 +281,7 @@ async def test_expired_slot_is_dropped_at_the_next_admission(redis: Redis) -> No
     limits = Limits(concurrent_streams=2)
     assert (await admit(limiter, limits, "s1")).admitted
     assert (await admit(limiter, limits, "s2")).admitted
-    await age(redis, SLOTS, "s1", await redis_ms(redis) - 1)  # its gateway died: the slot expired
+    await age(redis, SLOTS, "s1", await redis_us(redis) - 1)  # its gateway died: the slot expired
     decision = await admit(limiter, limits, "s3")
     assert (decision.verdict, decision.streams_running) == ("ok", 2)
     assert set(await slots(redis)) == {"s2", "s3"}
@@ -377,8 +377,8 @@ async def test_budget_refusal_writes_nothing(redis: Redis, which: str) -> None:
     assert (await admit(limiter, limits, "old", 100, cost=10, key=key)).admitted
     assert await bill(redis, "spent", cost=900) is True
     # an expired entry and an expired slot: even they are not pruned by a refused request
-    now = await redis_ms(redis)
-    await age(redis, WINDOW, "old", now - 61_000)
+    now = await redis_us(redis)
+    await age(redis, WINDOW, "old", now - 61_000_000)
     await age(redis, SLOTS, "old", now - 1)
     before = await snapshot(redis)
     assert any(key_name.startswith(b"tg:{acct-a}:rl:") for key_name in before)
@@ -430,7 +430,7 @@ async def test_decision_now_is_redis_time(redis: Redis) -> None:
     decision = await admit(Limiter(redis, slot_ttl_seconds=600), Limits(requests_per_minute=5), "r1")
     assert abs(decision.now - time.time()) < 1
     assert decision.budget_resets_at > decision.now
-    assert (await window(redis))["r1"] == ms_of(decision)
+    assert (await window(redis))["r1"] == us_of(decision)
 
 
 # --- bugs
@@ -448,7 +448,7 @@ async def test_retried_admission_does_not_reserve_twice(redis: Redis) -> None:
     limits = Limits(tokens_per_minute=1000)
     assert (await admit(limiter, limits, "a", 400)).admitted
     await admit(limiter, limits, "a", 400)  # the same script run again after a lost reply
-    await age(redis, WINDOW, "a", await redis_ms(redis) - 61_000)
+    await age(redis, WINDOW, "a", await redis_us(redis) - 61_000_000)
     decision = await admit(limiter, limits, "b", 0)
     assert decision.tokens_in_window == 0
     assert await tokens(redis) == {"b": 0, "__total": 0}
