@@ -113,6 +113,7 @@ return answer('ok', count, frees_at, total, 0, running, 0)
 
 Verdict = Literal["ok", "budget_key", "budget_tenant", "requests", "tokens", "tokens_too_large", "streams"]
 _WRONG_MONTH: Final = "month"
+_MAX_REMEMBERED_TENANTS: Final = 100_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +169,13 @@ class Limiter:
     def __init__(self, redis: Redis, *, slot_ttl_seconds: float) -> None:
         self._script = redis.register_script(_ADMIT_SCRIPT)
         self._slot_ttl_ms = int(slot_ttl_seconds * 1000)
+        self._tenant_caps: dict[str, int | None] = {}  # as last seen: what a Redis outage can still go by
+
+    def last_tenant_cap(self, tenant: str) -> tuple[bool, int | None]:
+        """Whether this process has seen ``tenant``'s monthly cap, and what it was (``None``: no cap)."""
+        if tenant in self._tenant_caps:
+            return True, self._tenant_caps[tenant]
+        return False, None
 
     async def admit(
         self,
@@ -183,27 +191,7 @@ class Limiter:
         """Admit a request (``reserve_tokens`` = prompt + ``max_tokens``) or say why not; writes nothing unless
         admitted. ``now_hint`` (this replica's clock) picks the month whose spend is read; on the rare request
         where Redis's clock is in another month, the script says so before deciding and runs again."""
-        month = month_of(now_hint)
-        while True:
-            reply = await self._run(
-                key, limits, request_id, reserve_tokens, max_cost_nano_usd, month, default_cap_nano_usd
-            )
-            if _text(reply[0]) != _WRONG_MONTH:
-                return _decision(reply, key, limits)
-            month = month_of(int(reply[1]))
-
-    async def _run(
-        self,
-        key: ApiKey,
-        limits: Limits,
-        request_id: str,
-        reserve_tokens: int,
-        max_cost_nano_usd: int,
-        month: str,
-        default_cap_nano_usd: int | None,
-    ) -> list[object]:
         window, window_tokens, slots = rate_keys(key.tenant, key.key_id)
-        keys = [tenant_key(key.tenant, "budget"), spend_key(key.tenant, month), window, window_tokens, slots]
         key_cap = key.monthly_budget_nano_usd
         args: list[str | int] = [
             f"key:{key.key_id}",
@@ -216,10 +204,19 @@ class Limiter:
             request_id,
             reserve_tokens,
             self._slot_ttl_ms,
-            *(int(bound) for bound in month_bounds(month)),
         ]
-        reply: list[object] = await self._script(keys=keys, args=args)
-        return reply
+        month = month_of(now_hint)
+        while True:
+            keys = [tenant_key(key.tenant, "budget"), spend_key(key.tenant, month), window, window_tokens, slots]
+            bounds = [int(bound) for bound in month_bounds(month)]
+            reply = await self._script(keys=keys, args=[*args, *bounds])
+            if _text(reply[0]) != _WRONG_MONTH:
+                decision = _decision(reply, key, limits)
+                if len(self._tenant_caps) >= _MAX_REMEMBERED_TENANTS:
+                    self._tenant_caps.clear()
+                self._tenant_caps[key.tenant] = decision.tenant_cap
+                return decision
+            month = month_of(int(reply[1]))
 
 
 def _decision(reply: list[Any], key: ApiKey, limits: Limits) -> AdmissionDecision:

@@ -53,6 +53,7 @@ class RedisSettings:
 @_frozen
 class AuthSettings:
     cache_ttl_seconds: float = 1.0
+    stale_if_error_seconds: float = 300.0  # Redis unreachable: keys read this recently keep working
 
 
 @_frozen

@@ -104,7 +104,7 @@ async def admit_request(
                 default_cap_nano_usd=default_cap,
             )
         except RedisError as exc:
-            return admission, _unchecked(exc, deps), {}
+            return admission, _unchecked(exc, key, deps), {}
         if decision.verdict.startswith("budget") and admission.prompt_tokens is None:
             admission = await _counted(admission, counter)  # the cheap bound was too high to tell: count, ask again
             continue
@@ -154,8 +154,14 @@ async def _counted(admission: Admission, counter: PromptCounter) -> Admission:
     return dataclasses.replace(admission, prompt_tokens=exact, prompt_bound=exact)
 
 
-def _unchecked(exc: RedisError, deps: Dependencies) -> float:
-    refuse = "refuse" in (deps.settings.budgets.on_redis_error, deps.settings.limits.on_redis_error)
+def _unchecked(exc: RedisError, key: ApiKey, deps: Dependencies) -> float:
+    """Redis cannot be reached: go on unchecked, or refuse, as configured. Budgets refuse (by default) only where
+    one may apply: the key has its own, or its tenant had one when this process last saw it, or has not been seen."""
+    seen, tenant_cap = deps.limiter.last_tenant_cap(key.tenant)
+    budget_may_apply = key.monthly_budget_nano_usd is not None or tenant_cap is not None or not seen
+    refuse = deps.settings.limits.on_redis_error == "refuse" or (
+        budget_may_apply and deps.settings.budgets.on_redis_error == "refuse"
+    )
     deps.metrics.admission_unchecked.labels("refused" if refuse else "allowed").inc()
     if refuse:
         logger.error("cannot check budgets and limits, Redis unreachable: %r", exc)

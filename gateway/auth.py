@@ -2,7 +2,9 @@
 
 Keys are looked up in Redis by their public id and compared by hash (billing/keys.py). Found keys are cached in
 process for ``auth.cache_ttl_seconds``, which bounds how long a revoked key keeps working on a replica; unknown
-keys are not cached, so a new key works at once. Expiry is checked on every request, cached or not.
+keys are not cached, so a new key works at once. Expiry is checked on every request, cached or not. While Redis
+cannot be reached, a key read within ``auth.stale_if_error_seconds`` keeps working (nothing could revoke it
+meanwhile), so an outage does not stop known clients; new keys get 503.
 
 Operators reach the admin routes with a key that has the ``admin`` scope, or with the bootstrap admin token from
 the settings (``admin.token``, meant for a Secret), compared by hash in constant time.
@@ -29,10 +31,17 @@ class Authenticator:
     """Resolves bearer keys to :class:`~billing.ApiKey` records, with a short-lived cache."""
 
     def __init__(
-        self, keys: KeyStore, *, cache_ttl_seconds: float, clock: Callable[[], float], admin_token: str = ""
+        self,
+        keys: KeyStore,
+        *,
+        cache_ttl_seconds: float,
+        clock: Callable[[], float],
+        admin_token: str = "",
+        stale_if_error_seconds: float = 0.0,
     ) -> None:
         self._keys = keys
         self._ttl = cache_ttl_seconds
+        self._stale_if_error = stale_if_error_seconds
         self._clock = clock
         self._admin_token_hash = hash_key(admin_token) if admin_token else ""
         self._cache: dict[str, tuple[float, ApiKey]] = {}
@@ -73,6 +82,10 @@ class Authenticator:
         try:
             key = await self._keys.find(secret_key)
         except RedisError as exc:
+            if cached is not None and now < cached[0] - self._ttl + self._stale_if_error:
+                logger.warning("cannot reach Redis to check a key; using what was read %.1f s ago: %r",
+                               now - cached[0] + self._ttl, exc)  # fmt: skip
+                return _usable(cached[1], now)
             logger.error("cannot reach Redis to check a key: %r", exc)
             raise KeyStoreUnavailableError() from exc
         if key is None:

@@ -147,7 +147,11 @@ def build_dependencies(
         redis=redis,
         keys=keys,
         auth=Authenticator(
-            keys, cache_ttl_seconds=settings.auth.cache_ttl_seconds, clock=clock, admin_token=settings.admin.token
+            keys,
+            cache_ttl_seconds=settings.auth.cache_ttl_seconds,
+            clock=clock,
+            admin_token=settings.admin.token,
+            stale_if_error_seconds=settings.auth.stale_if_error_seconds,
         ),
         ledger=ledger,
         durable_ledger=durable_ledger,

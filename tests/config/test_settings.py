@@ -81,7 +81,7 @@ def test_settings_bad_value_fails_naming_the_key(environ: dict[str, str], messag
             ("input_schema: llama-3.1-8b-instruct.input.json", "input_schema: missing.json"),
             "input_schema: no such file",
         ),
-        (("auth:\n  cache_ttl_seconds: 1.0", "auth: [1]"), "auth: expected a mapping"),
+        (("tokenizer:\n  path:", "tokenizer: [1]\n#  path:"), "tokenizer: expected a mapping"),
     ],
 )
 def test_settings_bad_file_fails_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

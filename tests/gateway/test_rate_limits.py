@@ -195,3 +195,29 @@ async def test_admission_without_redis_follows_the_configured_policy(
 
 def test_prompt_tokens_constant_is_right(tokenizer: Tokenizer) -> None:
     assert count_chat_prompt_tokens(tokenizer, PROMPT["messages"]) == PROMPT_TOKENS
+
+
+async def test_a_redis_outage_does_not_stop_a_known_key_of_a_tenant_without_budget(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, worker: SimWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with gateway_for(redis_url, tokenizer, [worker.url], **limits_env(rpm=100)) as gateway:
+        assert (await gateway.run(PROMPT)).status_code == 200  # the key is read, the tenant's cap (none) seen
+        await asyncio.sleep(1.1)  # past the auth cache
+
+        async def unreachable(*args: Any, **kwargs: Any) -> None:
+            raise RedisConnectionError("Redis is down")
+
+        monkeypatch.setattr(gateway.deps.keys, "find", unreachable)
+        monkeypatch.setattr(gateway.deps.limiter, "admit", unreachable)
+        answer = await gateway.run(PROMPT)  # budgets refuse on Redis errors, but none applies here
+        assert answer.status_code == 200, answer.text
+        other = await gateway.client.post(  # a key never seen cannot be checked: 503
+            gateway.run_path(), json=PROMPT, headers={"Authorization": "Bearer tg_aaaaaaaaaaaa_" + "x" * 43}
+        )
+        assert other.status_code == 503 and other.json()["errors"][0]["code"] == 5530
+        await gateway.deps.budgets.set_tenant_budget(TENANT, 10**12)  # now the tenant has a cap ...
+        monkeypatch.undo()
+        assert (await gateway.run(PROMPT)).status_code == 200  # ... which this process sees
+        monkeypatch.setattr(gateway.deps.limiter, "admit", unreachable)
+        refused = await gateway.run(PROMPT)
+        assert refused.status_code == 503, "a budget applies and cannot be checked"

@@ -146,7 +146,7 @@ async def run_clients(
 
 
 async def probe(stack: Stack, secret_key: str) -> list[httpx.Response]:
-    """One request to each gateway."""
+    """One streamed request to each gateway, read to its end."""
     body = {"messages": [{"role": "user", "content": "Anyone there?"}], "stream": True, "max_tokens": 5}
     headers = {"Authorization": f"Bearer {secret_key}"}
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
@@ -223,7 +223,8 @@ async def test_ledger_equals_what_workers_served_under_load(kill_redis: bool) ->
         ledger = await settled_ledger(stack, expected=len(served))
 
         assert len(answered) + len(refused) == CLIENTS * REQUESTS_PER_CLIENT
-        assert set(served) == answered, "every answered request reached exactly one worker, and nothing else did"
+        probed = {response.headers["x-request-id"] for response in during_outage}
+        assert set(served) == answered | probed, "every answered request reached exactly one worker, nothing else did"
         assert set(ledger) == set(served), "billed requests differ from served ones"
         cut_by_worker = sum(
             record["completion_tokens"] == 9 and not record["client_disconnected"] for record in served.values()
@@ -253,10 +254,10 @@ async def test_ledger_equals_what_workers_served_under_load(kill_redis: bool) ->
         }
         assert set(refused.values()) <= {503}, "only Redis being down refuses requests here"
         if kill_redis:
-            assert [response.status_code for response in during_outage] == [503] * len(stack.gateways)
-            for response in during_outage:
-                assert response.json()["errors"][0]["code"] == 5530
-                assert response.headers["x-request-id"] not in ledger, "a refused request was billed"
+            # A key read before the outage keeps working (auth.stale_if_error_seconds), the tenant has no budget, so
+            # nothing needs Redis to admit it: served, and billed through the spool once Redis is back.
+            assert [response.status_code for response in during_outage] == [200] * len(stack.gateways)
+            assert probed <= set(ledger)
             assert await metric_total(stack, "tollgate_bills_spooled_total") > 0, "no bill was spooled"
             assert await metric_total(stack, "tollgate_spool_records") == 0
         else:
