@@ -80,9 +80,9 @@ async def admit_request(
     its place in the limits. Returns the admission (with its exact prompt count if the check needed it), its start
     time by Redis's clock (which dates its bill), and the rate-limit headers for its response.
 
-    Raises 429 / 3036 when a budget would be passed, 429 / 5429 over a rate limit, and 503 / 5530 when Redis cannot
-    be reached and ``budgets.on_redis_error`` or ``limits.on_redis_error`` says refuse (else the request goes on
-    unchecked, dated by this replica's clock, and counted in ``tollgate_admission_unchecked_total``)."""
+    Raises 429 / 3036 when a budget would be passed and 429 / 5429 over a rate limit. When Redis cannot be reached,
+    the request goes on unchecked, dated by this replica's clock, unless the configuration says to refuse it then
+    (503 / 5530; see :func:`_unchecked`); either way it is counted in ``tollgate_admission_unchecked_total``."""
     job = admission.job
     model = deps.settings.models[job.model]
     counter = deps.counters[job.model]
