@@ -225,13 +225,13 @@ def _keys_list(args: argparse.Namespace) -> int:
             print(json.dumps([key.as_dict() for key in keys], indent=2))
             return 0
         now = time.time()
-        rows = [("ID", "TENANT", "NAME", "SCOPES", "CREATED", "EXPIRES", "STATE", "BUDGET/MONTH")]
+        rows = [("ID", "TENANT", "NAME", "SCOPES", "CREATED", "EXPIRES", "STATE", "BUDGET/MONTH", "OWN-LIMITS")]
         for key in keys:
             state = "revoked" if key.revoked else ("active" if key.usable_at(now) else "expired")
             budget = "-" if key.monthly_budget_nano_usd is None else "$" + format_usd(key.monthly_budget_nano_usd)
             expires = _iso(key.expires_at) if key.expires_at else "never"
             rows.append((key.key_id, key.tenant, key.name, ",".join(sorted(key.scopes)), _iso(key.created_at),
-                         expires, state, budget))  # fmt: skip
+                         expires, state, budget, _own_limits(key.limits)))  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -382,6 +382,13 @@ def _run(args: argparse.Namespace, command: Callable[[Redis, Settings], Awaitabl
             await redis.aclose()
 
     return asyncio.run(run())
+
+
+def _own_limits(limits: KeyLimits) -> str:
+    """``rpm=600,tpm=60000,streams=5`` for the limits a key sets itself; ``-`` when it follows its tenant's."""
+    short = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent_streams": "streams"}
+    own = [f"{short[name]}={value}" for name, value in limits.as_dict().items() if value is not None]
+    return ",".join(own) or "-"
 
 
 def _redacted(url: str) -> str:

@@ -21,7 +21,7 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from billing import Budgets, KeyStore, Ledger, hash_key, month_of
+from billing import Budgets, KeyLimits, KeyStore, Ledger, hash_key, month_of
 from tests.conftest import USAGE_CSV_COLUMNS, usage_record
 
 TOLLGATE = [sys.executable, "-m", "gateway.cli"]
@@ -96,7 +96,12 @@ async def test_cli_keys_list_shows_every_key_but_never_a_secret_or_hash(redis: R
     store = KeyStore(redis, clock=itertools.count(time.time() - 10).__next__)  # one second between creations
     issued = [
         await store.create("acct-b", "ops", scopes=["admin"], expires_at=time.time() + 3600),
-        await store.create("acct-a", "ci", monthly_budget_nano_usd=5_000_000_000),
+        await store.create(
+            "acct-a",
+            "ci",
+            monthly_budget_nano_usd=5_000_000_000,
+            limits=KeyLimits(requests_per_minute=60, concurrent_streams=2),
+        ),
         await store.create("acct-a", "old"),
         await store.create("acct-a", "gone"),
     ]
@@ -109,7 +114,8 @@ async def test_cli_keys_list_shows_every_key_but_never_a_secret_or_hash(redis: R
     )
 
     lines = ok(table).splitlines()
-    assert lines[0].split() == ["ID", "TENANT", "NAME", "SCOPES", "CREATED", "EXPIRES", "STATE", "BUDGET/MONTH"]
+    header = ["ID", "TENANT", "NAME", "SCOPES", "CREATED", "EXPIRES", "STATE", "BUDGET/MONTH", "OWN-LIMITS"]
+    assert lines[0].split() == header
     assert [line.split() for line in lines[1:]] == [
         [
             key.key_id,
@@ -120,9 +126,14 @@ async def test_cli_keys_list_shows_every_key_but_never_a_secret_or_hash(redis: R
             iso(key.expires_at) if key.expires_at else "never",
             state,
             budget,
+            limits,
         ]
-        for key, state, budget in zip(
-            keys, ["active", "revoked", "expired", "active"], ["$5.000000000", "-", "-", "-"], strict=True
+        for key, state, budget, limits in zip(
+            keys,
+            ["active", "revoked", "expired", "active"],
+            ["$5.000000000", "-", "-", "-"],
+            ["rpm=60,streams=2", "-", "-", "-"],
+            strict=True,
         )
     ]
     assert [key.name for key in keys] == ["ci", "old", "gone", "ops"]  # by tenant, then oldest first
@@ -322,3 +333,17 @@ async def test_cli_refuses_out_of_range_numbers_without_a_traceback(redis: Redis
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2 and result.stderr.startswith("tollgate: ")
     assert await redis.dbsize() == 0
+
+
+async def test_cli_key_limits_on_create_and_after(redis: Redis, redis_url: str) -> None:
+    created = ok(await tollgate(redis_url, "keys create --tenant acct-a --rpm 600 --streams 5"))
+    key_id = field(created, "key id")
+    assert field(created, "limits") == "requests_per_minute 600, concurrent_streams 5"
+    changed = ok(await tollgate(redis_url, f"keys limits {key_id} --tpm 60000 --rpm tenant"))
+    assert field(changed, "limits") == "tokens_per_minute 60000, concurrent_streams 5"
+    record = await KeyStore(redis).get(key_id)
+    assert record is not None and record.limits == KeyLimits(tokens_per_minute=60000, concurrent_streams=5)
+    bad = await tollgate(redis_url, f"keys limits {key_id} --rpm -3")
+    assert bad.returncode == 2 and "expected a whole number >= 0 or 'tenant'" in bad.stderr
+    missing = await tollgate(redis_url, "keys limits nosuchkeyid0 --rpm 1")
+    assert missing.returncode == 1 and "no key with id" in missing.stderr
