@@ -39,6 +39,7 @@ class ServerSettings:
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 1_048_576
+    drain_seconds: float = 30.0  # on SIGTERM: streams in flight may finish for this long, then are ended and billed
 
 
 @_frozen
@@ -83,8 +84,9 @@ class TokenizerSettings:
 @_frozen
 class UpstreamSettings:
     connect_timeout_seconds: float = 2.0
-    read_timeout_seconds: float = 60.0
-    response_timeout_seconds: float = 600.0
+    first_token_timeout_seconds: float = 60.0  # request sent → first token (streams); then another worker is tried
+    between_tokens_timeout_seconds: float = 30.0  # a stream silent this long is ended with an error event
+    total_timeout_seconds: float = 600.0  # the whole answer, streamed or not
     max_connections: int = 1024
     max_keepalive_connections: int = 256
     max_response_bytes: int = 8_388_608
@@ -117,8 +119,34 @@ class LedgerSettings:
 
 
 @_frozen
+class WorkerSettings:
+    """One worker of a pool. In YAML or the environment a bare URL stands for ``{url: <URL>}``."""
+
+    url: str
+    weight: float = 1.0  # its share of the traffic relative to the pool's other workers, at equal load
+    lora: tuple[str, ...] = ()  # LoRA adapters it serves, besides those its /v1/models lists
+
+
+@_frozen
 class PoolSettings:
-    workers: tuple[str, ...]
+    workers: tuple[WorkerSettings, ...]
+
+
+@_frozen
+class RoutingSettings:
+    max_in_flight_per_worker: int = 64  # requests this replica has on one worker at once; 0: no cap
+    queue_size: int = 1024  # requests of one pool waiting for a free worker, per replica; then 429 / 3040
+    queue_timeout_seconds: float = 10.0  # the longest such wait; then 429 / 3040
+    retries: int = 2  # other workers tried before the first byte reaches the client
+    prefix_affinity: bool = False  # the same system prompt goes to the same worker (its prefix cache) ...
+    affinity_max_imbalance: int = 8  # ... unless that worker has this many more requests than the least loaded
+    metrics_interval_seconds: float = 2.0  # each worker's /metrics (queue and KV-cache load) is read this often
+    health_interval_seconds: float = 5.0  # each worker's /health and /v1/models are checked this often
+    health_timeout_seconds: float = 2.0
+    eject_after_failures: int = 3  # consecutive failed requests (5xx, timeouts, dropped streams) that eject a worker
+    eject_seconds: float = 5.0  # an ejected worker gets its first trial after this; doubled after each failed trial
+    max_eject_seconds: float = 60.0
+    reload_interval_seconds: float = 5.0  # the config file's pools are re-read this often; 0: never
 
 
 @_frozen
@@ -164,9 +192,14 @@ class Settings:
     validation: ValidationSettings = ValidationSettings()
     tokenizer: TokenizerSettings = TokenizerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    routing: RoutingSettings = RoutingSettings()
     ledger: LedgerSettings = LedgerSettings()
     pools: Mapping[str, PoolSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
     models: Mapping[str, ModelSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+
+
+# Settings written as a bare string stand for a mapping with this one key.
+_SHORTHAND: Final[Mapping[type, str]] = {WorkerSettings: "url"}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -185,6 +218,16 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     settings = _build(Settings, raw, "")
     _check(settings)
     return settings
+
+
+def load_pools(
+    settings: Settings, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Mapping[str, PoolSettings]:
+    """Re-read the configuration and return its pools, checked against ``settings``' models (a pool reload: the
+    other sections keep their values until a restart). Raises :class:`SettingsError` like :func:`load_settings`."""
+    fresh = load_settings(path, environ)
+    _check_pools(fresh.pools, settings.models)
+    return fresh.pools
 
 
 def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -222,6 +265,8 @@ def _build(cls: type[Any], data: Any, path: str) -> Any:
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if hint in _SHORTHAND and isinstance(value, str):
+            value = {_SHORTHAND[hint]: value}
         return _build(typing.cast(type, hint), value, key)
     if origin is Mapping:
         _, item_hint = typing.get_args(hint)
@@ -232,7 +277,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
         if not isinstance(items, list):
             raise SettingsError(f"{key}: expected a list")
-        return tuple(_convert(str, item, f"{key}[{index}]") for index, item in enumerate(items))
+        item_hint = typing.get_args(hint)[0]
+        return tuple(_convert(item_hint, item, f"{key}[{index}]") for index, item in enumerate(items))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -240,6 +286,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint in (int, float):
         return _to_number(hint, value, key)
+    if hint is bool:
+        return _to_bool(value, key)
     if hint is str:
         if isinstance(value, bool | dict | list) or value is None:
             raise SettingsError(f"{key}: expected a string")
@@ -259,13 +307,29 @@ def _to_number(hint: type[int] | type[float], value: Any, key: str) -> int | flo
     return number
 
 
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise SettingsError(f"{key}: expected true or false, got {value!r}")
+
+
 def _check(settings: Settings) -> None:
     positive = {
         "server.port": settings.server.port,
         "server.workers": settings.server.workers,
         "server.max_body_bytes": settings.server.max_body_bytes,
-        "upstream.read_timeout_seconds": settings.upstream.read_timeout_seconds,
-        "upstream.response_timeout_seconds": settings.upstream.response_timeout_seconds,
+        "upstream.first_token_timeout_seconds": settings.upstream.first_token_timeout_seconds,
+        "upstream.between_tokens_timeout_seconds": settings.upstream.between_tokens_timeout_seconds,
+        "upstream.total_timeout_seconds": settings.upstream.total_timeout_seconds,
+        "server.drain_seconds": settings.server.drain_seconds,
+        "routing.queue_timeout_seconds": settings.routing.queue_timeout_seconds,
+        "routing.metrics_interval_seconds": settings.routing.metrics_interval_seconds,
+        "routing.health_interval_seconds": settings.routing.health_interval_seconds,
+        "routing.health_timeout_seconds": settings.routing.health_timeout_seconds,
+        "routing.eject_after_failures": settings.routing.eject_after_failures,
+        "routing.eject_seconds": settings.routing.eject_seconds,
         "upstream.max_connections": settings.upstream.max_connections,
         "redis.max_connections": settings.redis.max_connections,
         "ledger.seen_ttl_seconds": settings.ledger.seen_ttl_seconds,
@@ -280,14 +344,11 @@ def _check(settings: Settings) -> None:
         raise SettingsError("admin.token: use at least 32 random characters (or leave it empty to disable it)")
     if not settings.models:
         raise SettingsError("models: at least one model must be configured")
-    for name, pool in settings.pools.items():
-        for index, url in enumerate(pool.workers):
-            if not url.startswith(("http://", "https://")):
-                raise SettingsError(f"pools.{name}.workers[{index}]: expected an http(s) URL, got {url!r}")
+    if settings.routing.max_eject_seconds < settings.routing.eject_seconds:
+        raise SettingsError("routing.max_eject_seconds: must be at least routing.eject_seconds")
+    _check_pools(settings.pools, settings.models)
     for name, model in settings.models.items():
         key = f"models.{name}"
-        if model.pool not in settings.pools:
-            raise SettingsError(f"{key}.pool: no pool named {model.pool!r} under pools")
         if not model.input_schema_path.is_file():
             raise SettingsError(f"{key}.input_schema: no such file {model.input_schema_path}")
         if not 0 < model.default_max_tokens <= model.max_tokens_limit:
@@ -295,6 +356,23 @@ def _check(settings: Settings) -> None:
         template = model.chat_template_path
         if template is not None and not template.is_file():
             raise SettingsError(f"{key}.chat_template: no such file {template}")
+
+
+def _check_pools(pools: Mapping[str, PoolSettings], models: Mapping[str, ModelSettings]) -> None:
+    for name, pool in pools.items():
+        urls = set()
+        for index, worker in enumerate(pool.workers):
+            key = f"pools.{name}.workers[{index}]"
+            if not worker.url.startswith(("http://", "https://")):
+                raise SettingsError(f"{key}: expected an http(s) URL, got {worker.url!r}")
+            if worker.url.rstrip("/") in urls:
+                raise SettingsError(f"{key}: {worker.url} is listed twice")
+            urls.add(worker.url.rstrip("/"))
+            if not worker.weight > 0:
+                raise SettingsError(f"{key}.weight: must be greater than 0")
+    for name, model in models.items():
+        if model.pool not in pools:
+            raise SettingsError(f"models.{name}.pool: no pool named {model.pool!r} under pools")
 
 
 def _join(path: str, key: str) -> str:

@@ -31,6 +31,7 @@ import httpx
 _HIGH_WATER_BYTES: Final = 256 * 1024
 _Origin = tuple[bytes, bytes, int]
 _HANG_UP: Final = "tollgate.hang_up"  # response extension: half-closes the connection (see hang_up)
+_SET_READ_TIMEOUT: Final = "tollgate.set_read_timeout"  # response extension (see set_read_timeout)
 
 
 class _StaleConnectionError(Exception):
@@ -203,6 +204,9 @@ class _ResponseStream(httpx.AsyncByteStream):
     def hang_up(self) -> bool:
         return self._connection.half_close()
 
+    def set_read_timeout(self, seconds: float | None) -> None:
+        self._read_timeout = seconds
+
     def _finish(self) -> None:
         if not self._is_done:
             self._is_done = True
@@ -239,7 +243,7 @@ class WorkerTransport(httpx.AsyncBaseTransport):
             self._slots.release()
             raise
         stream = _ResponseStream(self, connection, timeouts.get("read"))
-        extensions = {"http_version": b"HTTP/1.1", _HANG_UP: stream.hang_up}
+        extensions = {"http_version": b"HTTP/1.1", _HANG_UP: stream.hang_up, _SET_READ_TIMEOUT: stream.set_read_timeout}
         return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
 
     async def aclose(self) -> None:
@@ -311,6 +315,14 @@ def hang_up(response: httpx.Response) -> bool:
     one of ours or cannot be half-closed (then reading it ends soon, or the caller should close it)."""
     half_close = response.extensions.get(_HANG_UP)
     return bool(half_close()) if half_close is not None else False
+
+
+def set_read_timeout(response: httpx.Response, seconds: float | None) -> None:
+    """From now on, wait at most ``seconds`` between two reads of ``response``'s body (a stream's first token may take
+    longer than the gap between two tokens). Does nothing for responses of other transports."""
+    change = response.extensions.get(_SET_READ_TIMEOUT)
+    if change is not None:
+        change(seconds)
 
 
 def _origin(url: httpx.URL) -> _Origin:

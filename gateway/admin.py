@@ -50,6 +50,7 @@ from billing import (
     parse_usd,
     usage_report,
 )
+from config import SettingsError
 from gateway.deps import Dependencies
 from gateway.errors import (
     InvalidQueryError,
@@ -82,6 +83,8 @@ def routes() -> list[Route]:
         Route("/admin/v1/tenants/{tenant}/budget", get_budget, methods=["GET"]),
         Route("/admin/v1/tenants/{tenant}/budget", set_budget, methods=["PUT"]),
         Route("/admin/v1/tenants/{tenant}/budget", reset_budget, methods=["DELETE"]),
+        Route("/admin/v1/pools", list_pools, methods=["GET"]),
+        Route("/admin/v1/pools/reload", reload_pools, methods=["POST"]),
     ]
 
 
@@ -123,6 +126,23 @@ async def list_tenants(request: Request) -> Response:
     deps = await _admin(request)
     tenants = await _redis(deps.keys.tenants())
     return render_result([await _budget_status(deps, tenant) for tenant in tenants])
+
+
+async def list_pools(request: Request) -> Response:
+    """Every pool's workers as this replica sees them: health, requests in flight, load, catalog."""
+    deps = await _admin(request)
+    return render_result([pool.status() for pool in deps.pools.values()])
+
+
+async def reload_pools(request: Request) -> Response:
+    """Re-read the pools from the configuration now (this replica; the others do within their reload interval)."""
+    deps = await _admin(request)
+    try:
+        changed = deps.reloader.reload()
+    except SettingsError as exc:
+        raise InvalidQueryError(f"the configuration's pools were not applied: {exc}") from None
+    await deps.monitor.check_now()
+    return render_result({"changed": changed, "pools": [pool.status() for pool in deps.pools.values()]})
 
 
 async def create_key(request: Request) -> Response:

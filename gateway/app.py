@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from config import Settings, load_settings
+from config import Settings, load_pools, load_settings
 from gateway import admin
 from gateway.deps import Dependencies, build_dependencies
-from gateway.endpoints import health, metrics, run_model
+from gateway.endpoints import health, metrics, ready, run_model
 from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, render_error
 from gateway.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 
@@ -49,6 +49,7 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
         routes.append(Route(prefix + "/accounts/{account_id}/ai/run/{model:path}", run_model, methods=["POST"]))
     routes += admin.routes()
     routes.append(Route("/healthz", health, methods=["GET"]))
+    routes.append(Route("/readyz", ready, methods=["GET"]))
     routes.append(Route("/metrics", metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
@@ -68,8 +69,10 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
 
 
 def create_app_from_environment() -> Starlette:
-    """The factory ``tollgate serve`` hands uvicorn: settings from ``TOLLGATE_CONFIG`` and ``TOLLGATE_*``."""
-    return create_app(load_settings())
+    """The factory ``tollgate serve`` hands uvicorn: settings from ``TOLLGATE_CONFIG`` and ``TOLLGATE_*``; the pools
+    are re-read from there while running."""
+    settings = load_settings()
+    return create_app(settings, build_dependencies(settings, pool_source=lambda: load_pools(settings)))
 
 
 async def _handle_tollgate_error(request: Request, exc: Exception) -> Response:

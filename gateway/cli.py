@@ -15,7 +15,6 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -41,6 +40,7 @@ from billing import (
 )
 from config import Settings, SettingsError, load_settings
 from gateway.deps import build_redis
+from gateway.serve import serve
 from gateway.sim import cli as sim_cli
 
 
@@ -172,17 +172,11 @@ def _apply_config_option(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     _apply_config_option(args)
     settings = load_settings()  # fail fast, with the key named, before uvicorn starts
-    uvicorn.run(
-        "gateway.app:create_app_from_environment",
-        factory=True,
+    serve(
+        settings,
         host=args.host or settings.server.host,
         port=args.port or settings.server.port,
         workers=args.workers or settings.server.workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="info",
-        timeout_graceful_shutdown=30,
     )
     return 0
 

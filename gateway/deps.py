@@ -29,10 +29,12 @@ from billing import (
     Spool,
     Tokenizer,
 )
-from config import ModelSettings, Settings
+from config import ModelSettings, PoolSettings, Settings
 from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
-from gateway.observe import GatewayMetrics, SpoolCollector
+from gateway.health import PoolMonitor
+from gateway.lifecycle import Drain, PoolReloader
+from gateway.observe import GatewayMetrics, PoolCollector, SpoolCollector
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
 
@@ -74,14 +76,24 @@ class Dependencies:
     schemas: Mapping[str, InputSchema]
     forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
     pools: Mapping[str, WorkerPool]
+    monitor: PoolMonitor  # health, catalog and load of every worker, in the background
+    reloader: PoolReloader  # pool changes in the configuration, applied while running
+    drain: Drain  # the requests in flight, ended cleanly at the drain deadline on shutdown
     clock: Callable[[], float] = time.time
     bills: PendingBills = dataclasses.field(default_factory=PendingBills)
 
     def start(self) -> None:
-        """Start background work (replaying bills spooled by an earlier run); needs the running event loop."""
+        """Start background work (replaying bills spooled by an earlier run, worker checks, pool reloads) and take
+        part in the process's shutdown; needs the running event loop."""
         self.durable_ledger.start()
+        self.monitor.start()
+        self.reloader.start()
+        self.drain.register()
 
     async def aclose(self) -> None:
+        self.drain.unregister()
+        await self.reloader.aclose()
+        await self.monitor.aclose()
         await self.bills.drain(timeout_seconds=30)
         await self.durable_ledger.aclose()
         await self.http.aclose()
@@ -114,8 +126,8 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
     config = settings.upstream
     timeout = httpx.Timeout(
         connect=config.connect_timeout_seconds,
-        read=config.read_timeout_seconds,
-        write=config.read_timeout_seconds,
+        read=config.between_tokens_timeout_seconds,
+        write=config.between_tokens_timeout_seconds,
         pool=config.connect_timeout_seconds,
     )
     transport = WorkerTransport(
@@ -125,9 +137,14 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def build_dependencies(
-    settings: Settings, *, tokenizer: Tokenizer | None = None, clock: Callable[[], float] = time.time
+    settings: Settings,
+    *,
+    tokenizer: Tokenizer | None = None,
+    clock: Callable[[], float] = time.time,
+    pool_source: Callable[[], Mapping[str, PoolSettings]] | None = None,
 ) -> Dependencies:
-    """Build every dependency from ``settings``. Loads the tokenizer and schemas; opens no connection yet."""
+    """Build every dependency from ``settings``. Loads the tokenizer and schemas; opens no connection yet.
+    ``pool_source`` re-reads the configured pools for reloads (default: ``settings.pools`` never change)."""
     redis = build_redis(settings)
     keys = KeyStore(redis, clock=clock)
     ledger = Ledger(redis, _retention(settings))
@@ -139,11 +156,14 @@ def build_dependencies(
         Spool(Path(settings.ledger.spool_dir)),
         replay_interval_seconds=settings.ledger.spool_replay_interval_seconds,
     )
+    http = build_http_client(settings)
+    pools = {name: WorkerPool(name, pool.workers, settings.routing) for name, pool in settings.pools.items()}
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SpoolCollector(durable_ledger))
+    registry.register(PoolCollector(pools))
     return Dependencies(
         settings=settings,
-        http=build_http_client(settings),
+        http=http,
         redis=redis,
         keys=keys,
         auth=Authenticator(
@@ -164,7 +184,12 @@ def build_dependencies(
         forbidden_text=(
             special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None
         ),
-        pools={name: WorkerPool(name, pool.workers) for name, pool in settings.pools.items()},
+        pools=pools,
+        monitor=PoolMonitor(lambda: pools, http, settings.routing, clock=time.monotonic),
+        reloader=PoolReloader(
+            pools, settings.pools, pool_source or (lambda: settings.pools), settings.routing.reload_interval_seconds
+        ),
+        drain=Drain(settings.server.drain_seconds),
         clock=clock,
     )
 

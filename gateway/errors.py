@@ -15,12 +15,14 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     ├── JsonModeError                   422  5022  JSON mode: the model's answer is not JSON
     ├── BudgetExceededError             429  3036  the tenant's or key's monthly budget would be passed
     ├── RateLimitedError                429  5429  the key's requests/tokens per minute or concurrent streams
+    ├── CapacityExceededError           429  3040  every worker is full and the wait queue is full or timed out
     ├── InvalidQueryError               400  5006  a usage or admin query parameter is wrong (names it)
     ├── NotFoundError                   404  7003  no such key (admin routes)
     ├── KeyStoreUnavailableError        503  5530  Redis (keys) cannot be reached: retry later
     └── UpstreamError                   502  5502  a worker answered with an error or garbage
-        ├── UpstreamTimeoutError        504  5504  a worker went silent longer than the read timeout
+        ├── UpstreamTimeoutError        504  5504  no first token, a silent stream, or an answer over the total time
         └── UpstreamUnavailableError    503  5503  no worker of the pool could be reached
+            └── ShuttingDownError       503  5503  this gateway is draining for shutdown: retry (another replica)
 
 The 55xx codes are Tollgate's own (Workers AI documents none for upstream failures); the rest follow the
 Workers AI contract (../shared/spec/workers-ai-api.md, section 6).
@@ -168,6 +170,18 @@ class RateLimitedError(TollgateError):
         return {"retry-after": str(max(1, math.ceil(self.retry_after_seconds)))}
 
 
+class CapacityExceededError(TollgateError):
+    """Workers AI's answer when its fleet is busy (and at once with ``options.rejectIfBusy``)."""
+
+    status_code = 429
+    code = 3040
+    default_message = "Capacity temporarily exceeded, please try again."
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
+
+
 class KeyStoreUnavailableError(TollgateError):
     status_code = 503
     code = 5530
@@ -190,6 +204,14 @@ class UpstreamUnavailableError(UpstreamError):
     status_code = 503
     code = 5503
     default_message = "No inference worker is available for this model"
+
+
+class ShuttingDownError(UpstreamUnavailableError):
+    default_message = "This gateway is shutting down; please retry the request."
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1", "connection": "close"}
 
 
 def error_body(code: int, message: str) -> dict[str, object]:

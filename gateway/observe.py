@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from billing import DurableLedger
+from gateway.route import Health, WorkerPool
 
 
 class GatewayMetrics:
@@ -27,6 +28,18 @@ class GatewayMetrics:
             "tollgate_token_count_mismatches",
             "Requests whose worker-reported token count disagreed with the gateway's own (kind: prompt, completion)",
             ["model", "kind"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "tollgate_upstream_retries",
+            "Attempts on a worker that failed before the first byte and moved the request to another worker",
+            ["pool"],
+            registry=registry,
+        )
+        self.routing_refusals = Counter(
+            "tollgate_routing_refusals",
+            "Requests no worker could take (reason: capacity, no_worker, unknown_adapter)",
+            ["pool", "reason"],
             registry=registry,
         )
 
@@ -54,3 +67,35 @@ class SpoolCollector(Collector):
             "tollgate_bills_replayed", "Spooled bills this process replayed into the ledger",
             value=self._durable.replayed_total,
         )  # fmt: skip
+
+
+class PoolCollector(Collector):
+    """Each worker's state as this process sees it, read when scraped; labelled by pool and worker URL, both from
+    the configuration (a bounded set)."""
+
+    def __init__(self, pools: Mapping[str, WorkerPool]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pool", "worker"]
+        up = GaugeMetricFamily(
+            "tollgate_worker_up", "1 while the worker takes requests, 0 while ejected", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "tollgate_worker_in_flight", "This process's requests in flight on the worker", labels=labels
+        )
+        ejections = CounterMetricFamily(
+            "tollgate_worker_ejections",
+            "Times this process ejected the worker (failures or health checks)",
+            labels=labels,
+        )
+        waiting = GaugeMetricFamily(
+            "tollgate_pool_waiting", "Requests waiting for a worker of the pool with room", labels=["pool"]
+        )
+        for name, pool in self._pools.items():
+            waiting.add_metric([name], pool.waiting)
+            for worker in pool.workers:
+                up.add_metric([name, worker.url], 1.0 if worker.health is Health.UP else 0.0)
+                in_flight.add_metric([name, worker.url], worker.in_flight)
+                ejections.add_metric([name, worker.url], worker.ejections)
+        yield from (up, in_flight, ejections, waiting)

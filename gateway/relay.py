@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import httpx
-from httpx_sse import EventSource, SSEError
+from httpx_sse import EventSource, ServerSentEvent, SSEError
 from starlette.types import Message, Receive, Scope, Send
 
 from billing import (
@@ -37,18 +38,21 @@ from billing import (
     settle_usage,
 )
 from gateway import _answers, _sse
-from gateway._transport import hang_up
+from gateway._transport import hang_up, set_read_timeout
 from gateway.admit import Admission, count_prompt_async
 from gateway.errors import (
+    CapacityExceededError,
     InvalidRequestError,
     JsonModeError,
+    ShuttingDownError,
     TollgateError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
 from gateway.meter import Meter, usage_headers, usage_with_cost
-from gateway.route import Worker
+from gateway.observe import GatewayMetrics
+from gateway.route import CapacityError, Demand, NoWorkerError, UnknownAdapterError, Worker
 from gateway.translate import to_vllm_request
 from gateway.validate import InferenceJob
 
@@ -67,10 +71,12 @@ _UPSTREAM_ERRORS: Final = (
     (SSEError, UpstreamError),
 )
 _STATUS_BY_ERROR: Final = (
+    (ShuttingDownError, "shutdown"),
     (UpstreamTimeoutError, "upstream_timeout"),
     (UpstreamUnavailableError, "upstream_unavailable"),
     (UpstreamError, "upstream_error"),
     (InvalidRequestError, "rejected_by_worker"),
+    (CapacityExceededError, "capacity"),
 )
 _JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
 
@@ -87,28 +93,24 @@ def map_upstream_errors() -> Iterator[None]:
         raise UpstreamError() from exc
 
 
-class RetryableUpstreamError(UpstreamError):
-    """A worker refused the request before serving it (5xx, 404): another worker may be tried."""
+class _Retry(Exception):
+    """The attempt on one worker failed before any byte reached the client: another worker may be tried."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"The inference worker answered HTTP {status}")
-        self.status = status
+    def __init__(self, error: UpstreamError, *, worker_status: int = 0) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.worker_status = worker_status
 
 
-async def _raise_for_worker_status(response: httpx.Response) -> None:
-    """Classify a worker's non-200 answer by its status (never by its text): 400 is the client's, the rest retryable."""
-    try:
-        with map_upstream_errors():
-            raw = await _read_capped(response, 65536)
-    finally:
-        await response.aclose()
-    if response.status_code == 400:
-        try:
-            detail = _answers.error_text(_answers.parse_object(raw))
-        except UpstreamError:
-            detail = "the worker refused the request"
-        raise InvalidRequestError(detail)
-    raise RetryableUpstreamError(response.status_code)
+@dataclasses.dataclass(slots=True)
+class _Opened:
+    """A worker's answer, as far as it was read to know the worker serves the request: a non-streaming answer's
+    whole body, or a stream's first event (with the events that follow)."""
+
+    response: httpx.Response
+    body: bytes = b""
+    first: ServerSentEvent | None = None
+    events: AsyncIterator[ServerSentEvent] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,16 +133,23 @@ class Relay:
         self.caller = caller
         self.deps = deps
         self.model = deps.settings.models[job.model]
+        self.pool = deps.pools[self.model.pool]
+        affinity = _affinity(job) if deps.settings.routing.prefix_affinity else None
+        self.demand = Demand(self.model.served_name, self.model.context_window_tokens, job.lora, affinity)
         self.meter = Meter(job.max_tokens)
         self.status = "ok"
         self._complete = False
         self._client_gone = False
+        self._started = False  # the response's headers went out: from here on, errors are in-band
+        self._cut_error: TollgateError | None = None
+        self._cancel = anyio.CancelScope()
         self._usage: Usage | None = None
         self._response: httpx.Response | None = None
+        self._worker: Worker | None = None
         self._exits = contextlib.ExitStack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        cancel = anyio.CancelScope()
+        cancel = self._cancel
         watcher = asyncio.create_task(self._watch_disconnect(receive, cancel))
 
         async def send_while_connected(message: Message) -> None:
@@ -148,8 +157,12 @@ class Relay:
                 await send(message)
 
         try:
-            with cancel:
-                await (self._stream(send_while_connected) if self.job.stream else self._respond(send_while_connected))
+            with self.deps.drain.track(self):
+                with cancel:
+                    cancel.deadline = anyio.current_time() + self.deps.settings.upstream.total_timeout_seconds
+                    await (self._stream if self.job.stream else self._respond)(send_while_connected)
+                if cancel.cancelled_caught and not self._client_gone:
+                    await self._end_cut(send_while_connected)
         except TollgateError as exc:
             self.status = _status_of(exc)
             exc.extra_headers.update(self.caller.headers)
@@ -168,6 +181,26 @@ class Relay:
             with anyio.CancelScope(shield=True):
                 await asyncio.shield(bill)
 
+    def cut(self) -> None:
+        """End the request now (the drain deadline at shutdown): a stream gets a final error event, a request not
+        yet answered a 503; either is billed for what it delivered."""
+        if not self._complete:
+            self._cut_error = ShuttingDownError()
+            self._cancel.cancel()
+
+    async def _end_cut(self, send: Send) -> None:
+        """The request was cut (shutdown) or ran out of ``upstream.total_timeout_seconds``: end it cleanly."""
+        error = self._cut_error or UpstreamTimeoutError(
+            f"The answer took longer than {self.deps.settings.upstream.total_timeout_seconds:g} seconds"
+        )
+        if not self._started:
+            raise error
+        self.status = "shutdown" if isinstance(error, ShuttingDownError) else _status_of(error)
+        self.meter.delivered()
+        self._complete = True
+        await send(_more(_sse.error_frame(error.code, error.message)))
+        await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+
     async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
@@ -177,57 +210,150 @@ class Relay:
         self._client_gone = True
         if self.job.stream and self._response is not None and hang_up(self._response):
             # The worker stops by itself now; the stream reads what it sent meanwhile, within the drain deadline.
-            cancel.deadline = anyio.current_time() + self.deps.settings.upstream.hang_up_drain_seconds
+            drain_until = anyio.current_time() + self.deps.settings.upstream.hang_up_drain_seconds
+            cancel.deadline = min(cancel.deadline, drain_until)
         else:
             cancel.cancel()
 
     # -- the worker call ------------------------------------------------------------------------------------
 
-    async def _open(self) -> httpx.Response:
-        """Send the job to the first worker that takes it; retries happen only here, before any byte is sent."""
+    async def _open(self) -> _Opened:
+        """Serve the job from the first worker that can: retries happen only here, before any byte reached the
+        client, each on another worker, at most ``routing.retries`` of them."""
+        routing = self.deps.settings.routing
         path, body = to_vllm_request(self.job, self.model.served_name)
         content = json.dumps(body, ensure_ascii=False).encode()
         headers = {"content-type": "application/json", "x-request-id": self.caller.request_id}
-        candidates = self.deps.pools[self.model.pool].candidates()
-        errors: list[UpstreamError] = []
-        for worker in candidates:
+        tried: list[Worker] = []
+        failures: list[_Retry] = []
+        for _ in range(routing.retries + 1):
+            try:
+                worker = await self.pool.acquire(
+                    self.demand,
+                    exclude=tried,
+                    reject_if_busy=self.job.reject_if_busy,
+                    timeout_seconds=routing.queue_timeout_seconds,
+                )
+            except (NoWorkerError, CapacityError) as exc:
+                if failures:
+                    break
+                raise routing_error(exc, self.pool.name, self.deps.metrics) from None
+            tried.append(worker)
             request = self.deps.http.build_request(
                 "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
             )
-            with worker.track():
-                try:
-                    with map_upstream_errors():
-                        response = await self.deps.http.send(request, stream=True)
-                    if response.status_code == 200:
-                        self._hold(worker, response)
-                        return response
-                    await _raise_for_worker_status(response)
-                except (UpstreamUnavailableError, RetryableUpstreamError) as exc:
-                    logger.warning("worker %s failed before serving %s: %r", worker.url, self.caller.request_id, exc)
-                    errors.append(exc)
-        if self.job.lora and errors and all(getattr(error, "status", 0) == 404 for error in errors):
+            try:
+                opened = await self._attempt(worker, request)
+            except _Retry as retry:
+                self.pool.release(worker)
+                failures.append(retry)
+                self.deps.metrics.upstream_retries.labels(self.pool.name).inc()
+                logger.warning("worker %s failed before serving %s: %s", worker.url, self.caller.request_id, retry)
+                continue
+            except BaseException:
+                self.pool.release(worker)
+                raise
+            self._exits.callback(self.pool.release, worker)
+            self._worker = worker
+            self._response = opened.response
+            return opened
+        if self.job.lora and all(failure.worker_status == 404 for failure in failures):
             raise InvalidRequestError(f"'/lora': no worker serves the adapter '{self.job.lora}'")
-        raise errors[-1] if errors else UpstreamUnavailableError()
+        raise failures[-1].error
+
+    async def _attempt(self, worker: Worker, request: httpx.Request) -> _Opened:
+        """One worker's try. Raises :class:`_Retry` for what another worker may not share (a refused connection,
+        5xx, a busy answer, a stream that fails before its first token); records the worker's health either way."""
+        try:
+            with map_upstream_errors():
+                response = await self.deps.http.send(request, stream=True)
+        except UpstreamTimeoutError as exc:  # no answer head in time
+            if not self.job.stream:
+                raise  # a non-streamed answer's head comes after the whole generation: the total time ran out
+            worker.failed("no first token in time")
+            raise _Retry(exc) from None
+        except UpstreamUnavailableError as exc:  # the connection could not be made (or our own pool is exhausted)
+            if not isinstance(exc.__cause__, httpx.PoolTimeout):
+                worker.failed(f"cannot connect: {exc.__cause__!r}", eject=True)
+            raise _Retry(exc) from None
+        except UpstreamError as exc:  # the connection broke before the head: the worker died or restarted
+            worker.failed(repr(exc.__cause__))
+            raise _Retry(exc) from None
+        try:
+            if response.status_code != 200:
+                await self._refused(worker, response)
+            opened = await (self._first_event(response) if self.job.stream else self._whole_answer(response))
+        except _Retry as retry:
+            await response.aclose()
+            if retry.worker_status not in (404, 429):  # a missing adapter or a busy worker is not a broken one
+                worker.failed(str(retry))
+            raise
+        except BaseException:
+            await response.aclose()
+            raise
+        if not self.job.stream:
+            worker.succeeded()  # a stream's worker succeeds when the stream completes
+        return opened
+
+    async def _refused(self, worker: Worker, response: httpx.Response) -> None:
+        """A worker's non-200 answer, classified by status (never by its text): 400 is the client's, the rest is
+        the worker's, and another worker may be tried."""
+        try:
+            with map_upstream_errors():
+                raw = await _read_capped(response, 65536)
+        except UpstreamError as exc:
+            raise _Retry(exc) from None
+        if response.status_code == 400:
+            try:
+                detail = _answers.error_text(_answers.parse_object(raw))
+            except UpstreamError:
+                detail = "the worker refused the request"
+            worker.succeeded()
+            raise InvalidRequestError(detail)
+        error = UpstreamError(f"The inference worker answered HTTP {response.status_code}")
+        raise _Retry(error, worker_status=response.status_code)
+
+    async def _whole_answer(self, response: httpx.Response) -> _Opened:
+        try:
+            with map_upstream_errors():
+                body = await _read_capped(response, self.deps.settings.upstream.max_response_bytes)
+        except UpstreamTimeoutError:
+            raise
+        except UpstreamError as exc:  # the worker died before its answer was complete: the client has seen nothing
+            raise _Retry(exc) from None
+        return _Opened(response, body=body)
+
+    async def _first_event(self, response: httpx.Response) -> _Opened:
+        """Read a stream up to its first event (the first token, with vLLM), so that a worker failing before it
+        can still be replaced; then allow only ``between_tokens_timeout_seconds`` between events."""
+        events = EventSource(response).aiter_sse()
+        try:
+            with map_upstream_errors():
+                first = await anext(events, None)
+        except UpstreamError as exc:
+            raise _Retry(exc) from None
+        if first is None:
+            raise _Retry(UpstreamError("The inference worker closed the stream before its first token"))
+        if first.data != "[DONE]":
+            chunk = _answers.parse_object(first.data)
+            if "error" in chunk:
+                raise _Retry(UpstreamError(f"The inference worker failed: {_answers.error_text(chunk)}"))
+        set_read_timeout(response, self.deps.settings.upstream.between_tokens_timeout_seconds)
+        return _Opened(response, first=first, events=events)
 
     def _timeout(self) -> httpx.Timeout:
-        """Streams use the client's read timeout between chunks; a non-streaming answer arrives only when the
-        whole generation is done, so its wait is bounded by ``upstream.response_timeout_seconds`` instead."""
-        if self.job.stream:
-            return self.deps.http.timeout
+        """A stream's head and first event may take ``first_token_timeout_seconds`` (then reads between events are
+        bounded more tightly); a non-streaming answer arrives only when the whole generation is done, so its wait is
+        bounded by ``total_timeout_seconds``."""
         config = self.deps.settings.upstream
-        return httpx.Timeout(config.response_timeout_seconds, connect=config.connect_timeout_seconds)
-
-    def _hold(self, worker: Worker, response: httpx.Response) -> None:
-        self._exits.enter_context(worker.track())
-        self._response = response
+        read = config.first_token_timeout_seconds if self.job.stream else config.total_timeout_seconds
+        return httpx.Timeout(read, connect=config.connect_timeout_seconds, pool=config.connect_timeout_seconds)
 
     # -- non-streaming ----------------------------------------------------------------------------------------
 
     async def _respond(self, send: Send) -> None:
-        response = await self._open()
-        with map_upstream_errors():
-            raw = await _read_capped(response, self.deps.settings.upstream.max_response_bytes)
-        data = _answers.parse_object(raw)
+        opened = await self._open()
+        data = _answers.parse_object(opened.body)
         text, tool_calls = _answers.whole_answer(data)
         self.meter.observe_usage(data.get("usage"))
         answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
@@ -251,7 +377,7 @@ class Relay:
     # -- streaming ----------------------------------------------------------------------------------------------
 
     async def _stream(self, send: Send) -> None:
-        response = await self._open()
+        opened = await self._open()
         if self._prompt_tokens is None:  # counted while the worker starts generating; the bill needs it anyway
             self._prompt_tokens = await self._count_prompt()
         # The stream's final usage event carries the completion tokens and the cost; the headers, the prompt tokens.
@@ -260,22 +386,27 @@ class Relay:
             (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode()),
             *_encode(self.caller.headers),
         ]
+        self._started = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         self.meter.answered = True
         tool_calls = _answers.ToolCallBuffer()
         try:
             with map_upstream_errors():
-                if not await self._pump(response, send, tool_calls):
+                if not await self._pump(opened, send, tool_calls):
                     raise UpstreamError("The inference worker closed the stream before it was complete")
         except UpstreamError as exc:
             if self._client_gone:
                 return  # the worker closed because the gateway hung up on it: everything it sent is counted
             self.status = _status_of(exc)
+            if self._worker is not None:
+                self._worker.failed(f"stream failed: {exc.message}")
             logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
             self._complete = True
             await send(_more(_sse.error_frame(exc.code, exc.message)))
             await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
             return
+        if self._worker is not None:
+            self._worker.succeeded()
         if tool_calls:
             calls = tool_calls.as_workers_ai()
             await send(_more(_sse.frame({"response": "", "tool_calls": calls})))
@@ -288,11 +419,13 @@ class Relay:
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
 
-    async def _pump(self, response: httpx.Response, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
+    async def _pump(self, opened: _Opened, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
         """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""
+        assert opened.first is not None and opened.events is not None
         rng = random.Random()
         with_tool_calls = self.job.form == "messages"
-        async for event in EventSource(response).aiter_sse():
+        event: ServerSentEvent | None = opened.first
+        while event is not None:
             if event.data == "[DONE]":
                 return True
             chunk = _answers.parse_object(event.data)
@@ -307,6 +440,7 @@ class Relay:
             # count now, as the worker generated them before any cut that may follow. Once the client is gone,
             # sending does nothing and every chunk still arriving counts.
             self.meter.delivered(text)
+            event = await anext(opened.events, None)
         return False
 
     # -- settle and bill ------------------------------------------------------------------------------------
@@ -357,6 +491,28 @@ class Relay:
             await self.deps.durable_ledger.record(record)  # spools the record if Redis cannot take it
         except OSError:
             logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
+
+
+def routing_error(exc: NoWorkerError | CapacityError, pool: str, metrics: GatewayMetrics) -> TollgateError:
+    """The client-facing error for a request no worker can take (counted by reason): 429 / 3040 when all are busy,
+    400 for an adapter no worker serves, 503 when none is up."""
+    if isinstance(exc, CapacityError):
+        reason, error = "capacity", CapacityExceededError()
+    elif isinstance(exc, UnknownAdapterError):
+        reason, error = "unknown_adapter", InvalidRequestError(f"'/lora': {exc.reason}")
+    else:
+        reason, error = "no_worker", UpstreamUnavailableError(f"No inference worker is available: {exc.reason}")
+    metrics.routing_refusals.labels(pool, reason).inc()
+    return error
+
+
+def _affinity(job: InferenceJob) -> bytes | None:
+    """The request's prefix-affinity key: its leading system message (with the tools, which the template renders
+    next to it), if any."""
+    if not job.messages or job.messages[0].get("role") != "system":
+        return None
+    system = json.dumps([job.messages[0].get("content"), job.tools], sort_keys=True, default=str)
+    return hashlib.blake2b(system.encode(), digest_size=16).digest()
 
 
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

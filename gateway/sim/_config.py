@@ -26,6 +26,9 @@ class SimConfig:
         lora_adapters: adapter names, listed in ``/v1/models`` with the first served name as parent.
         chat_template: a Jinja chat-template file (``vllm serve --chat-template``); empty: the built-in Llama 3.1
             template.
+        max_num_seqs: the batch capacity, as ``vllm serve --max-num-seqs``: at most this many generation requests
+            run at once, and the others wait in arrival order (before their time to first token) for one to end;
+            0: no limit.
     """
 
     served_model_names: tuple[str, ...] = ("meta-llama/Llama-3.1-8B-Instruct",)
@@ -36,6 +39,7 @@ class SimConfig:
     seed: int = 0
     lora_adapters: tuple[str, ...] = ()
     chat_template: str = ""
+    max_num_seqs: int = 0
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -46,6 +50,8 @@ class SimConfig:
             raise ValueError("completion_tokens must be at least 1")
         if self.time_to_first_token_seconds < 0:
             raise ValueError("time_to_first_token_seconds must not be negative")
+        if self.max_num_seqs < 0:
+            raise ValueError("max_num_seqs must not be negative (0: no limit)")
 
     @property
     def seconds_per_token(self) -> float:

@@ -16,7 +16,8 @@ _LABELS = ("model_name", "engine")
 class SimMetrics:
     """``vllm:num_requests_running``/``_waiting``, ``vllm:kv_cache_usage_perc`` and the token counters.
 
-    Labels are ``model_name`` (the first served name) and ``engine="0"``, as ``vllm/v1/metrics/loggers.py``.
+    Labels are ``model_name`` (the first served name) and ``engine="0"``, as ``vllm/v1/metrics/loggers.py``. The
+    request counts come from the batch scheduler (`set_load`); the tokens from each generation (`generating`).
     """
 
     def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int) -> None:
@@ -36,16 +37,20 @@ class SimMetrics:
         self._generation_tokens = Counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", _LABELS, registry=registry
         ).labels(**labels)
-        self._waiting.set(0)
+        self.set_load(running=0, waiting=0)
         self._kv_capacity_tokens = max_model_len * _KV_CACHE_SEQUENCES
         self._kv_tokens = 0
 
+    def set_load(self, *, running: int, waiting: int) -> None:
+        """Report how many requests are generating and how many wait for a place in the batch."""
+        self._running.set(running)
+        self._waiting.set(waiting)
+
     @contextlib.contextmanager
-    def running(self, prompt_tokens: int) -> Iterator[Callable[[int], None]]:
-        """Count one running request; the yielded callable records tokens as they are generated."""
+    def generating(self, prompt_tokens: int) -> Iterator[Callable[[int], None]]:
+        """Hold one running request's tokens in the KV cache; the yielded callable records tokens as generated."""
         held = prompt_tokens
         self._prompt_tokens.inc(prompt_tokens)
-        self._running.inc()
         self._hold(prompt_tokens)
 
         def add_generated(tokens: int) -> None:
@@ -57,7 +62,6 @@ class SimMetrics:
         try:
             yield add_generated
         finally:
-            self._running.dec()
             self._hold(-held)
 
     def _hold(self, tokens: int) -> None:

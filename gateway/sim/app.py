@@ -3,7 +3,8 @@ written against real vLLM cannot tell the difference (``shared/spec/upstream-vll
 
 Used by ``tollgate dev``, the tests and the benchmarks in place of a GPU worker. Prompt tokens are counted with
 `billing.tokens`, exactly as the worker counts them; the answers are real Llama 3 tokens cut from a built-in corpus,
-paced like a decoder, and faults can be injected at runtime through ``/sim/faults``.
+paced like a decoder, at most ``max_num_seqs`` at a time (the rest wait in line), and faults can be injected at
+runtime through ``/sim/faults``.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
 ``POST /tokenize``, ``GET /metrics``; and, for tests and operators, ``GET``/``PUT /sim/faults`` and
@@ -12,12 +13,15 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import random
 import time
 import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class _Runtime:
-    """Everything the endpoints share; ``faults``, ``served`` and the metrics are the mutable parts."""
+    """Everything the endpoints share; ``faults``, ``served``, the batch and the metrics are the mutable parts."""
 
     config: SimConfig
     tokenizer: Tokenizer
@@ -56,6 +60,62 @@ class _Runtime:
     served: list[dict[str, Any]]
     registry: CollectorRegistry
     metrics: SimMetrics
+    batch: _Batch
+
+
+class _Batch:
+    """The running generations, at most ``capacity`` of them (0: no limit) as ``vllm serve --max-num-seqs``.
+
+    Requests beyond that wait in arrival order; a request that ends hands its place straight to the longest waiting
+    one. Both counts go to the metrics on every change.
+    """
+
+    def __init__(self, capacity: int, metrics: SimMetrics) -> None:
+        self._capacity = capacity
+        self._metrics = metrics
+        self._running = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def join(self, client_gone: Callable[[], Awaitable[None]]) -> bool:
+        """Wait for a place in the batch; False, holding none, if ``client_gone()`` returns first.
+
+        On True the caller must `leave` once its generation is over, whatever the outcome.
+        """
+        if not self._waiting and (self._capacity == 0 or self._running < self._capacity):
+            self._running += 1
+            self._report()
+            return True
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        self._report()
+        gone = asyncio.ensure_future(client_gone())
+        joined = False
+        try:
+            await asyncio.wait((turn, gone), return_when=asyncio.FIRST_COMPLETED)
+            joined = not gone.done()
+        finally:  # also on cancellation, which may come after the turn was handed over
+            gone.cancel()
+            if not joined:
+                self._give_up(turn)
+        return joined
+
+    def leave(self) -> None:
+        """End a generation admitted by `join`: its place goes to the longest waiting request, if any."""
+        if self._waiting:
+            self._waiting.popleft().set_result(None)  # the place changes hands: still as many running
+        else:
+            self._running -= 1
+        self._report()
+
+    def _give_up(self, turn: asyncio.Future[None]) -> None:
+        if turn.done():  # handed a place meanwhile: pass it on
+            self.leave()
+        else:
+            self._waiting.remove(turn)
+            self._report()
+
+    def _report(self) -> None:
+        self._metrics.set_load(running=self._running, waiting=len(self._waiting))
 
 
 class _SimApp(Starlette):
@@ -75,12 +135,13 @@ def create_sim_app(config: SimConfig, tokenizer: Tokenizer | None = None, faults
     ```
 
     Parameters:
-        config: served names, context window, pacing and answer length.
+        config: served names, context window, pacing, answer length and batch capacity.
         tokenizer: the Llama 3 tokenizer; ``None`` loads `Tokenizer.default()` (about a second).
         faults: the initial fault knobs, kept and changed in place by ``PUT /sim/faults``; ``None`` means none.
     """
     tokenizer = tokenizer if tokenizer is not None else Tokenizer.default()
     registry = CollectorRegistry(auto_describe=True)
+    metrics = SimMetrics(registry, config.served_model_names[0], config.max_model_len)
     runtime = _Runtime(
         config=config,
         tokenizer=tokenizer,
@@ -91,7 +152,8 @@ def create_sim_app(config: SimConfig, tokenizer: Tokenizer | None = None, faults
         faults=faults if faults is not None else Faults(),
         served=[],
         registry=registry,
-        metrics=SimMetrics(registry, config.served_model_names[0], config.max_model_len),
+        metrics=metrics,
+        batch=_Batch(config.max_num_seqs, metrics),
     )
     routes = [
         Route("/v1/chat/completions", _GenerationEndpoint(runtime, "chat"), methods=["POST"]),
@@ -153,11 +215,16 @@ class _GenerationEndpoint:
         if rng.random() < faults.error_rate:
             raise RequestError(500, "The simulated engine failed (injected fault).", "InternalServerError")
         delivery = self._delivery(job, rng, base_id, faults)
-        with runtime.metrics.running(job.prompt_tokens) as add_generated:
-            if job.stream:
-                await stream_answer(exchange, delivery, add_generated)
-            else:
-                await send_whole_answer(exchange, delivery, add_generated)
+        if not await runtime.batch.join(exchange.watch.wait_gone):
+            return  # the client left while waiting: recorded as an abort
+        try:
+            with runtime.metrics.generating(job.prompt_tokens) as add_generated:
+                if job.stream:
+                    await stream_answer(exchange, delivery, add_generated)
+                else:
+                    await send_whole_answer(exchange, delivery, add_generated)
+        finally:
+            runtime.batch.leave()
 
     def _delivery(self, job: Job, rng: random.Random, base_id: str, faults: Faults) -> Delivery:
         answer = self._runtime.writer.write(job.answer, rng)

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--completion-tokens", type=int, default=None, help="answer length in tokens (default: random per request)"
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed mixed with each request id")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=defaults.max_num_seqs,
+        metavar="N",
+        help="requests generating at once; the others wait in line (default: 0, no limit)",
+    )
     parser.add_argument("--lora", action="append", default=[], metavar="NAME", help="a LoRA adapter name; repeatable")
     parser.add_argument(
         "--chat-template", default="", metavar="FILE", help="a Jinja chat template (default: the built-in Llama 3.1)"
@@ -56,6 +63,7 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, Faults]:
         seed=args.seed,
         lora_adapters=tuple(args.lora),
         chat_template=args.chat_template,
+        max_num_seqs=args.max_num_seqs,
     )
     faults = Faults(
         error_rate=args.error_rate,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_CONFIG_PATH, SettingsError, load_settings
+from config import DEFAULT_CONFIG_PATH, SettingsError, WorkerSettings, load_pools, load_settings
 
 
 def test_settings_default_file_loads_with_documented_values() -> None:
@@ -24,14 +24,16 @@ def test_settings_environment_overrides_cast_by_type() -> None:
         {
             "TOLLGATE_SERVER__PORT": "9000",
             "TOLLGATE_VALIDATION__SPECIAL_TOKENS": "allow",
-            "TOLLGATE_UPSTREAM__READ_TIMEOUT_SECONDS": "2.5",
+            "TOLLGATE_UPSTREAM__BETWEEN_TOKENS_TIMEOUT_SECONDS": "2.5",
+            "TOLLGATE_ROUTING__PREFIX_AFFINITY": "true",
             "TOLLGATE_POOLS__BF16__WORKERS": "http://a:8000, http://b:8000",
             "UNRELATED": "x",
         },
     )
     assert settings.server.port == 9000 and settings.validation.special_tokens == "allow"
-    assert settings.upstream.read_timeout_seconds == 2.5
-    assert settings.pools["bf16"].workers == ("http://a:8000", "http://b:8000")
+    assert settings.upstream.between_tokens_timeout_seconds == 2.5
+    assert settings.routing.prefix_affinity is True
+    assert settings.pools["bf16"].workers == (WorkerSettings(url="http://a:8000"), WorkerSettings(url="http://b:8000"))
 
 
 def test_settings_config_path_can_come_from_the_environment(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -19,6 +20,7 @@ from starlette.applications import Starlette
 
 from billing.tokens import Tokenizer, count_chat_prompt_tokens, count_raw_prompt_tokens
 from gateway.sim import Faults, SimConfig, create_sim_app
+from gateway.sim.cli import add_arguments, build_config
 
 pytestmark = pytest.mark.server
 
@@ -565,3 +567,82 @@ async def test_sim_two_apps_in_one_process_do_not_share_state(tokenizer):
     assert first.state.faults is not second.state.faults
     assert first.state.served is not second.state.served
     assert first.state.registry is not second.state.registry
+
+
+async def batch_load(client: httpx.AsyncClient) -> tuple[float, float]:
+    """``(vllm:num_requests_running, vllm:num_requests_waiting)`` as ``/metrics`` reports them now."""
+    text = (await client.get("/metrics")).text
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels == {"model_name": MODEL, "engine": "0"}
+    }
+    return values["vllm:num_requests_running"], values["vllm:num_requests_waiting"]
+
+
+async def wait_for_load(client: httpx.AsyncClient, running: int, waiting: int, deadline_seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + deadline_seconds
+    while (load := await batch_load(client)) != (running, waiting):
+        assert time.monotonic() < deadline, f"load {load}, expected {(running, waiting)}"
+        await asyncio.sleep(0.01)
+
+
+async def test_sim_max_num_seqs_runs_that_many_and_queues_the_rest_in_order(tokenizer):
+    # 10 tokens at 20/s: about half a second per request, time enough to queue the others behind the first two.
+    async with live_sim(tokenizer, max_num_seqs=2, tokens_per_second=20, completion_tokens=10) as (client, app):
+        streams = []
+        for index in range(5):  # one at a time, so the arrival order is known
+            streams.append(asyncio.create_task(stream_chat(client, chat(stream=True), f"q{index}")))
+            await wait_for_load(client, min(index + 1, 2), max(index - 1, 0))
+        assert await batch_load(client) == (2, 3)
+        answers = await asyncio.gather(*streams)
+        await wait_for_load(client, 0, 0)
+        records = list(app.state.served)
+    assert all(events[-1] == "[DONE]" for events in answers)
+    assert [(record["finish_reason"], record["completion_tokens"]) for record in records] == [("stop", 10)] * 5
+    finished = [record["request_id"] for record in records]
+    assert set(finished[:2]) == {"q0", "q1"}
+    assert set(finished[2:4]) == {"q2", "q3"}
+    assert finished[4] == "q4"
+
+
+async def test_sim_max_num_seqs_waiting_client_that_leaves_gives_up_its_place(tokenizer):
+    async with live_sim(tokenizer, max_num_seqs=1, tokens_per_second=20, completion_tokens=10) as (client, app):
+        first = asyncio.create_task(stream_chat(client, chat(stream=True), "runs"))
+        await wait_for_load(client, 1, 0)
+        headers = {"x-request-id": "leaves"}
+        leaver = asyncio.create_task(client.post("/v1/chat/completions", json=chat(), headers=headers))
+        await wait_for_load(client, 1, 1)
+        last = asyncio.create_task(stream_chat(client, chat(stream=True), "last"))
+        await wait_for_load(client, 1, 2)
+        leaver.cancel()  # httpx closes the connection
+        left = await served_record(app, "leaves")
+        assert await batch_load(client) == (1, 1)
+        assert not first.done()
+        answers = await asyncio.gather(first, last)
+        await wait_for_load(client, 0, 0)
+        records = list(app.state.served)
+    assert (left["finish_reason"], left["completion_tokens"], left["status"]) == ("abort", 0, 0)
+    assert left["client_disconnected"] is True
+    assert left["prompt_tokens"] == 36
+    assert all(events[-1] == "[DONE]" for events in answers)
+    assert [record["request_id"] for record in records] == ["leaves", "runs", "last"]
+    assert [record["finish_reason"] for record in records] == ["abort", "stop", "stop"]
+
+
+async def test_sim_max_num_seqs_zero_means_no_limit_and_negative_is_rejected(tokenizer):
+    async with live_sim(tokenizer, tokens_per_second=20, completion_tokens=10) as (client, _):
+        streams = [asyncio.create_task(stream_chat(client, chat(stream=True), f"u{index}")) for index in range(4)]
+        await wait_for_load(client, 4, 0)
+        await asyncio.gather(*streams)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SimConfig(max_num_seqs=-1)
+
+
+def test_sim_cli_passes_max_num_seqs():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config, _ = build_config(parser.parse_args(["--max-num-seqs", "4"]))
+    default, _ = build_config(parser.parse_args([]))
+    assert (config.max_num_seqs, default.max_num_seqs) == (4, 0)

@@ -1,0 +1,140 @@
+"""The process's life around the requests: draining on shutdown, and pool reloads while running.
+
+**Drain.** On SIGTERM, ``tollgate serve`` (gateway/serve.py) calls :func:`begin_shutdown` before uvicorn stops
+listening. From then on new requests get 503 and ``/readyz`` says so; requests in flight go on for up to
+``server.drain_seconds``. Past that, each is ended cleanly: a stream gets a final SSE error event and ``[DONE]``,
+a request not yet answered gets 503, and each is billed for what it delivered (the relay's ``finally``). uvicorn's
+own grace period is set longer than the drain deadline, so it never cuts a request the drain could end cleanly.
+
+**Pool reload.** :class:`PoolReloader` re-reads the pools from the configuration every
+``routing.reload_interval_seconds`` (and on ``POST /admin/v1/pools/reload``) and applies a changed worker list
+without dropping anything: see :meth:`gateway.route.WorkerPool.reload`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
+from config import PoolSettings, SettingsError
+from gateway.route import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+_DRAINS: weakref.WeakSet[Drain] = weakref.WeakSet()
+
+
+class Cuttable(Protocol):
+    def cut(self) -> None:
+        """End the request now, cleanly, and bill what it delivered."""
+
+
+class Drain:
+    """Tracks the requests in flight, and ends them at the drain deadline once shutdown began."""
+
+    def __init__(self, drain_seconds: float) -> None:
+        self.drain_seconds = drain_seconds
+        self.draining = False
+        self._running: set[Cuttable] = set()
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def register(self) -> None:
+        """Take part in this process's shutdown (:func:`begin_shutdown`); done by the app's lifespan."""
+        _DRAINS.add(self)
+
+    def unregister(self) -> None:
+        _DRAINS.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    @contextlib.contextmanager
+    def track(self, request: Cuttable) -> Iterator[None]:
+        self._running.add(request)
+        try:
+            yield
+        finally:
+            self._running.discard(request)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def begin(self) -> None:
+        """Refuse new requests from now on, and end those in flight at the deadline (unless they finish first)."""
+        if self.draining:
+            return
+        self.draining = True
+        logger.warning("draining: %d requests in flight get %.0f s to finish", len(self._running), self.drain_seconds)
+        self._deadline = asyncio.get_running_loop().call_later(self.drain_seconds, self.cut_all)
+
+    def cut_all(self) -> None:
+        if self._running:
+            logger.warning("drain deadline: ending %d requests", len(self._running))
+        for request in list(self._running):
+            request.cut()
+
+
+def begin_shutdown() -> None:
+    """Start draining every app of this process (called from the server's shutdown, in its event loop)."""
+    for drain in list(_DRAINS):
+        drain.begin()
+
+
+class PoolReloader:
+    """Applies changes to the configured pools while running. ``load`` returns the configuration's current pools
+    (raising :class:`SettingsError` on a bad file, which leaves the pools as they are)."""
+
+    def __init__(
+        self,
+        pools: Mapping[str, WorkerPool],
+        current: Mapping[str, PoolSettings],
+        load: Callable[[], Mapping[str, PoolSettings]],
+        interval_seconds: float,
+    ) -> None:
+        self._pools = pools
+        self._current = current
+        self._load = load
+        self._interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tollgate-pool-reloader")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def reload(self) -> bool:
+        """Re-read the pools now; ``True`` if they changed. Raises :class:`SettingsError` for a bad configuration."""
+        fresh = self._load()
+        missing = sorted(set(self._pools) - set(fresh))
+        if missing:
+            raise SettingsError(f"pools.{missing[0]}: a running gateway cannot drop a pool (restart it instead)")
+        added = sorted(set(fresh) - set(self._pools))
+        if added:
+            logger.warning("pools.%s: new pools take effect on restart", added[0])
+        if all(fresh[name] == self._current[name] for name in self._pools):
+            return False
+        for name, pool in self._pools.items():
+            if fresh[name] != self._current[name]:
+                pool.reload(fresh[name].workers)
+        self._current = {name: fresh[name] for name in self._pools}
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                self.reload()
+            except SettingsError as exc:
+                logger.error("pools not reloaded: %s", exc)
+            except Exception:
+                logger.exception("pools not reloaded")
