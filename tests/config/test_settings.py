@@ -101,3 +101,29 @@ def test_settings_unreadable_file_is_a_settings_error(tmp_path: Path) -> None:
     broken.write_text("server: [unclosed")
     with pytest.raises(SettingsError, match="cannot read config file"):
         load_settings(broken, {})
+
+
+def test_settings_workers_take_a_url_or_a_mapping_and_pools_reload_checked(tmp_path: Path) -> None:
+    custom = tmp_path / "pools.yaml"
+    text = DEFAULT_CONFIG_PATH.read_text()
+    text = text.replace(
+        "  fp8:\n    workers: [http://127.0.0.1:8001]",
+        "  fp8:\n    workers:\n      - http://127.0.0.1:8001\n"
+        "      - {url: 'http://w2:8000/', weight: 3, lora: [pirate]}",
+    )
+    custom.write_text(text)
+    settings = load_settings(custom, {})
+    assert settings.pools["fp8"].workers == (
+        WorkerSettings(url="http://127.0.0.1:8001"),
+        WorkerSettings(url="http://w2:8000/", weight=3.0, lora=("pirate",)),
+    )
+    assert load_pools(settings, custom, {}) == settings.pools
+    custom.write_text(text.replace("    pool: fp8", "    pool: gone"))
+    with pytest.raises(SettingsError, match="no pool named 'gone'"):
+        load_pools(settings, custom, {})
+    custom.write_text(text.replace("weight: 3", "weight: 0"))
+    with pytest.raises(SettingsError, match=r"pools.fp8.workers\[1\].weight"):
+        load_settings(custom, {})
+    custom.write_text(text.replace("'http://w2:8000/'", "http://127.0.0.1:8001"))
+    with pytest.raises(SettingsError, match="listed twice"):
+        load_settings(custom, {})
