@@ -144,6 +144,11 @@ Usage and spend (this key's account, by hour):
 
   curl -sS {base}/client/v4/accounts/{account}/ai/usage -H "Authorization: Bearer {issued.secret_key}"
   {_tollgate_command()} usage --redis-url {redis_url} --tenant {account}
+
+The workers as the gateway sees them (health, load, what each serves), and readiness:
+
+  curl -sS {base}/admin/v1/pools -H "Authorization: Bearer {admin_token}"
+  curl -sS {base}/readyz
 """,
         flush=True,
     )

@@ -72,8 +72,10 @@ class PoolMonitor:
     async def check_now(self) -> None:
         """One round: every worker's load, and health of those due (all of them on the first round)."""
         pools = self._pools()
-        rounds = [self._check(worker) for pool in pools.values() for worker in pool.workers]
-        await asyncio.gather(*rounds)
+        workers = [worker for pool in pools.values() for worker in pool.workers]
+        for gone in set(self._last_probe) - set(workers):  # removed by a reload
+            del self._last_probe[gone]
+        await asyncio.gather(*(self._check(worker) for worker in workers))
         for pool in pools.values():
             pool.dispatch()
 

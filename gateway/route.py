@@ -128,7 +128,10 @@ class Worker:
         return not (self.health is Health.EJECTED and self._clock() < self._retry_at)
 
     def succeeded(self) -> None:
-        """A request or a health check went well: the worker is (back) up."""
+        """A request or a health check went well: the worker is (back) up. A request that started before an
+        ejection and ends well meanwhile changes nothing: the worker sits its ejection out."""
+        if self.health is Health.EJECTED and self._clock() < self._retry_at:
+            return
         self.failures = 0
         self._eject_seconds = self._routing.eject_seconds
         if self.health is not Health.UP:
@@ -138,15 +141,17 @@ class Worker:
     def failed(self, reason: str, *, eject: bool = False) -> None:
         """A request failed because of the worker; ``eject`` when it cannot serve at all (connection refused)."""
         self.failures += 1
-        if eject or self.failures >= self._routing.eject_after_failures or self.health is Health.HALF_OPEN:
+        if eject or self.failures >= self._routing.eject_after_failures or self.health is not Health.UP:
             self.eject(reason)
 
     def eject(self, reason: str) -> None:
-        if self.health is Health.EJECTED:
+        """Take the worker out for its current ejection time (doubling the next); no-op while it sits one out."""
+        now = self._clock()
+        if self.health is Health.EJECTED and now < self._retry_at:
             return
         self.health = Health.EJECTED
         self.ejections += 1
-        self._retry_at = self._clock() + self._eject_seconds
+        self._retry_at = now + self._eject_seconds
         logger.warning("worker %s ejected for %.1f s: %s", self.url, self._eject_seconds, reason)
         self._eject_seconds = min(self._eject_seconds * 2, self._routing.max_eject_seconds)
 
@@ -175,14 +180,17 @@ class Worker:
         cap = self._routing.max_in_flight_per_worker
         return cap == 0 or self.in_flight < cap
 
-    def score(self) -> float:
-        """Expected requests ahead of a new one here, per unit of weight, raised by KV-cache pressure."""
+    def pending(self) -> float:
+        """Requests ahead of a new one here: this replica's in flight, plus everyone else's as last scraped."""
         pending = float(self.in_flight)
-        kv = 0.0
         if self.load is not None:
             pending += max(0.0, self.load.running + self.load.waiting - self.load.own_in_flight)
-            kv = self.load.kv_cache_usage
-        return (pending + 1.0) * (1.0 + _KV_PRESSURE_WEIGHT * kv) / self.weight
+        return pending
+
+    def score(self) -> tuple[float, float]:
+        """Lower is better: pending requests per unit of weight, raised by KV-cache pressure; then the pressure."""
+        kv = self.load.kv_cache_usage if self.load is not None else 0.0
+        return self.pending() * (1.0 + _KV_PRESSURE_WEIGHT * kv) / self.weight, kv
 
     def status(self) -> dict[str, Any]:
         """The worker's state as ``GET /admin/v1/pools`` shows it."""
@@ -264,19 +272,22 @@ class WorkerPool:
         """A worker for ``demand`` (not one of ``exclude``), counted in flight until :meth:`release`. Waits in the
         pool's queue while every suitable worker is full; raises :class:`NoWorkerError` or :class:`CapacityError`."""
         excluded = frozenset(exclude)
-        if not self._waiters:  # first come, first served: nobody overtakes the queue
+        if not self._waiters:
             worker = self._pick(demand, excluded)
             if worker is not None:
                 worker.in_flight += 1
                 return worker
         if not self._suitable(demand, excluded):
             raise NoWorkerError(self._why_none(demand))
-        if reject_if_busy or len(self._waiters) >= self._routing.queue_size:
-            raise CapacityError()
+        # Join the queue, then hand out what is free in arrival order: a place earlier waiters cannot use (another
+        # model, adapter or worker) may go to this request at once, but it never overtakes one that could.
         waiter = _Waiter(demand, excluded, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
+        self.dispatch()
         handed_over = False
         try:
+            if not waiter.future.done() and (reject_if_busy or len(self._waiters) > self._routing.queue_size):
+                raise CapacityError()
             async with asyncio.timeout(timeout_seconds):
                 worker = await asyncio.shield(waiter.future)
             handed_over = True
@@ -336,9 +347,10 @@ class WorkerPool:
         if demand.affinity is not None and self._routing.prefix_affinity:
             preferred = max(suitable, key=lambda worker: _rendezvous(demand.affinity or b"", worker))
             if preferred in free:
-                least = min(worker.score() * worker.weight for worker in free)
-                if preferred.score() * preferred.weight - least <= self._routing.affinity_max_imbalance:
+                least = min(worker.pending() for worker in free)
+                if preferred.pending() - least <= self._routing.affinity_max_imbalance:
                     return preferred
+        # The first draw wins ties, so that idle workers get traffic in proportion to their weights.
         first = self._draw(free)
         second = self._draw([worker for worker in free if worker is not first])
         return first if first.score() <= second.score() else second
