@@ -13,6 +13,7 @@ comma-separated. A bad or unknown key fails at start-up with a :class:`SettingsE
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -87,6 +88,9 @@ class UpstreamSettings:
     first_token_timeout_seconds: float = 60.0  # request sent → first token (streams); then another worker is tried
     between_tokens_timeout_seconds: float = 30.0  # a stream silent this long is ended with an error event
     total_timeout_seconds: float = 600.0  # the whole answer, streamed or not
+    # When a stream's headers go out: once a worker accepts it, or only with its first token (then every failure
+    # before the first token, even after retries, is an HTTP error status rather than an in-band error event).
+    stream_headers: Literal["on_accept", "with_first_token"] = "on_accept"
     max_connections: int = 1024
     max_keepalive_connections: int = 256
     max_response_bytes: int = 8_388_608
@@ -302,8 +306,8 @@ def _to_number(hint: type[int] | type[float], value: Any, key: str) -> int | flo
         number = hint(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{key}: expected {hint.__name__}, got {value!r}") from None
-    if number < 0 or number != number:  # negative or NaN
-        raise SettingsError(f"{key}: must be a non-negative number, got {value!r}")
+    if number < 0 or not math.isfinite(number):  # negative, NaN or infinite
+        raise SettingsError(f"{key}: must be a finite, non-negative number, got {value!r}")
     return number
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -40,7 +42,6 @@ from billing import (
 )
 from config import Settings, SettingsError, load_settings
 from gateway.deps import build_redis
-from gateway.serve import serve
 from gateway.sim import cli as sim_cli
 
 
@@ -172,11 +173,19 @@ def _apply_config_option(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     _apply_config_option(args)
     settings = load_settings()  # fail fast, with the key named, before uvicorn starts
-    serve(
-        settings,
+    # uvicorn's grace period outlasts the drain (gateway/lifecycle.py), so it never cuts a request itself.
+    grace = settings.server.drain_seconds + settings.upstream.hang_up_drain_seconds + 5
+    uvicorn.run(
+        "gateway.app:create_app_from_environment",
+        factory=True,
         host=args.host or settings.server.host,
         port=args.port or settings.server.port,
         workers=args.workers or settings.server.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=math.ceil(grace),
     )
     return 0
 

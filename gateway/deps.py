@@ -136,6 +136,13 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
 
 
+def build_check_client(settings: Settings) -> httpx.AsyncClient:
+    """The background checks' own small client: never queued behind requests for the workers' connections."""
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    timeout = httpx.Timeout(settings.routing.health_timeout_seconds)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+
+
 def build_dependencies(
     settings: Settings,
     *,
@@ -185,7 +192,7 @@ def build_dependencies(
             special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None
         ),
         pools=pools,
-        monitor=PoolMonitor(lambda: pools, http, settings.routing, clock=time.monotonic),
+        monitor=PoolMonitor(lambda: pools, build_check_client(settings), settings.routing, clock=time.monotonic),
         reloader=PoolReloader(
             pools, settings.pools, pool_source or (lambda: settings.pools), settings.routing.reload_interval_seconds
         ),

@@ -6,8 +6,14 @@ One task per gateway process ticks every ``routing.metrics_interval_seconds`` an
   ``vllm:kv_cache_usage_perc``, summed over engines) into :attr:`Worker.load`, for routing; a worker that does
   not answer keeps no load figure (its own in-flight count still counts);
 - every ``routing.health_interval_seconds``, unless it sits out an ejection, checks ``/health`` (200) and
-  ``/v1/models`` (which models, context windows and LoRA adapters it serves). Both good: the worker is up (or back);
-  otherwise it is ejected (gateway/route.py has the circuit breaker).
+  ``/v1/models`` (which models, context windows and LoRA adapters it serves). A refused connection or ``/health``
+  503 (vLLM's engine is dead) ejects the worker at once; other failures (a slow answer under load, say) count like
+  failed requests. A passing check never ends an ejection by itself: a real request must succeed (gateway/route.py
+  has the circuit breaker).
+
+The checks have their own small connection pool, so that a gateway whose worker connections are all busy does not
+mistake its own congestion for dead workers. A worker whose ``/metrics`` cannot be read keeps its last figures for
+three intervals.
 
 A worker is routable only while its catalog lists the model's served name with a context window at least the
 model's (upstream-vllm.md §6). After each round, waiting requests are handed any worker that came back.
@@ -26,7 +32,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import RoutingSettings
-from gateway.route import Catalog, Worker, WorkerLoad, WorkerPool
+from gateway.route import Catalog, Health, Worker, WorkerLoad, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ _LOAD_METRICS: Final = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_cache_usage",
 }
+_LOAD_PREFIXES: Final = tuple(name + suffix for name in _LOAD_METRICS for suffix in ("{", " "))
 _MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 
 
@@ -56,6 +63,7 @@ class PoolMonitor:
         self._routing = routing
         self._clock = clock
         self._last_probe: dict[Worker, float] = {}
+        self._last_load: dict[Worker, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -68,16 +76,18 @@ class PoolMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._http.aclose()
 
     async def check_now(self) -> None:
         """One round: every worker's load, and health of those due (all of them on the first round)."""
         pools = self._pools()
         workers = [worker for pool in pools.values() for worker in pool.workers]
         for gone in set(self._last_probe) - set(workers):  # removed by a reload
-            del self._last_probe[gone]
+            self._last_probe.pop(gone, None)
+            self._last_load.pop(gone, None)
         await asyncio.gather(*(self._check(worker) for worker in workers))
         for pool in pools.values():
-            pool.dispatch()
+            pool.dispatch(workers_changed=True)
 
     async def _run(self) -> None:
         while True:
@@ -93,21 +103,27 @@ class PoolMonitor:
         if due and worker.is_probe_due():
             self._last_probe[worker] = now
             await self._probe(worker)
-        if worker.health.value != "ejected":
-            worker.load = await self._read_load(worker)
+        if worker.current_health() is not Health.EJECTED:
+            load = await self._read_load(worker)
+            if load is not None:
+                worker.load, self._last_load[worker] = load, now
+            elif now - self._last_load.get(worker, -math.inf) > 3 * self._routing.metrics_interval_seconds:
+                worker.load = None
 
     async def _probe(self, worker: Worker) -> None:
         try:
             health = await self._get(worker, "/health")
-            if health.status_code != 200:
-                worker.eject(f"/health answered {health.status_code}")
+            if health.status_code == 503:
+                worker.eject("/health answered 503")
                 return
-            models = await self._get(worker, "/v1/models")
-            worker.catalog = _parse_catalog(models)
+            if health.status_code != 200:
+                worker.failed(f"/health answered {health.status_code}")
+                return
+            worker.catalog = _parse_catalog(await self._get(worker, "/v1/models"))
+        except httpx.ConnectError as exc:
+            worker.eject(f"health check cannot connect: {exc!r}")
         except (httpx.HTTPError, ValueError) as exc:
-            worker.eject(f"health check failed: {exc!r}")
-            return
-        worker.succeeded()
+            worker.failed(f"health check failed: {exc!r}")
 
     async def _read_load(self, worker: Worker) -> WorkerLoad | None:
         own = worker.in_flight
@@ -148,10 +164,12 @@ def _parse_catalog(response: httpx.Response) -> Catalog:
 
 
 def _parse_load(text: str, own_in_flight: int) -> WorkerLoad | None:
-    """Sum vLLM's load gauges over engines; ``None`` if the worker exports none of them."""
+    """Sum vLLM's load gauges over engines (the highest KV-cache use); ``None`` if the worker exports none of them.
+    Only their lines are parsed: a vLLM ``/metrics`` page is mostly histograms, and this runs on the event loop."""
     values = {"running": 0.0, "waiting": 0.0, "kv_cache_usage": 0.0}
     found = False
-    for family in text_string_to_metric_families(text):
+    wanted = "\n".join(line for line in text.splitlines() if _is_load_line(line))
+    for family in text_string_to_metric_families(wanted):
         field = _LOAD_METRICS.get(family.name)
         if field is None:
             continue
@@ -164,3 +182,10 @@ def _parse_load(text: str, own_in_flight: int) -> WorkerLoad | None:
     if not found:
         return None
     return WorkerLoad(own_in_flight=own_in_flight, **values)
+
+
+def _is_load_line(line: str) -> bool:
+    if line.startswith("#"):
+        parts = line.split(maxsplit=3)
+        return len(parts) > 2 and parts[2] in _LOAD_METRICS
+    return line.startswith(_LOAD_PREFIXES)

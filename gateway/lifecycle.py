@@ -1,10 +1,13 @@
 """The process's life around the requests: draining on shutdown, and pool reloads while running.
 
-**Drain.** On SIGTERM, ``tollgate serve`` (gateway/serve.py) calls :func:`begin_shutdown` before uvicorn stops
-listening. From then on new requests get 503 and ``/readyz`` says so; requests in flight go on for up to
-``server.drain_seconds``. Past that, each is ended cleanly: a stream gets a final SSE error event and ``[DONE]``,
-a request not yet answered gets 503, and each is billed for what it delivered (the relay's ``finally``). uvicorn's
-own grace period is set longer than the drain deadline, so it never cuts a request the drain could end cleanly.
+**Drain.** On SIGTERM (or SIGINT) the server stops listening and closes idle connections (uvicorn); the app, which
+chains its own handler in front of uvicorn's (:func:`watch_signals`, from the lifespan, in every worker process),
+starts draining at the same moment: a request still arriving on an open connection gets 503, and requests in flight
+go on for up to ``server.drain_seconds``. Past that, each is ended cleanly: a stream gets a final SSE error event
+and ``[DONE]``, a request not yet answered gets 503, and each is billed for what it delivered (the relay's
+``finally``); one that gets this far only after the deadline is ended at once. ``tollgate serve`` sets uvicorn's own
+grace period past the deadline, so uvicorn never has to cancel a request the drain could end cleanly. Behind a load
+balancer, take the replica out first (a Kubernetes ``preStop`` pause): a closed listener refuses new connections.
 
 **Pool reload.** :class:`PoolReloader` re-reads the pools from the configuration every
 ``routing.reload_interval_seconds`` (and on ``POST /admin/v1/pools/reload``) and applies a changed worker list
@@ -16,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from types import FrameType
+from typing import Any, Protocol
 
 from config import PoolSettings, SettingsError
 from gateway.route import WorkerPool
@@ -39,12 +45,14 @@ class Drain:
     def __init__(self, drain_seconds: float) -> None:
         self.drain_seconds = drain_seconds
         self.draining = False
+        self.deadline_passed = False
         self._running: set[Cuttable] = set()
         self._deadline: asyncio.TimerHandle | None = None
 
     def register(self) -> None:
         """Take part in this process's shutdown (:func:`begin_shutdown`); done by the app's lifespan."""
         _DRAINS.add(self)
+        watch_signals()
 
     def unregister(self) -> None:
         _DRAINS.discard(self)
@@ -53,6 +61,9 @@ class Drain:
 
     @contextlib.contextmanager
     def track(self, request: Cuttable) -> Iterator[None]:
+        """Count ``request`` in flight while the block runs; past the drain deadline it is ended at once."""
+        if self.deadline_passed:
+            request.cut()
         self._running.add(request)
         try:
             yield
@@ -72,6 +83,7 @@ class Drain:
         self._deadline = asyncio.get_running_loop().call_later(self.drain_seconds, self.cut_all)
 
     def cut_all(self) -> None:
+        self.deadline_passed = True
         if self._running:
             logger.warning("drain deadline: ending %d requests", len(self._running))
         for request in list(self._running):
@@ -79,9 +91,31 @@ class Drain:
 
 
 def begin_shutdown() -> None:
-    """Start draining every app of this process (called from the server's shutdown, in its event loop)."""
+    """Start draining every app of this process (in its event loop)."""
     for drain in list(_DRAINS):
         drain.begin()
+
+
+def watch_signals() -> None:
+    """Start draining on SIGTERM and SIGINT, then let the server's own handler (uvicorn's, installed before the
+    lifespan starts) stop it. Called from the lifespan; only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        # Only in front of a server's own handler (a default one would kill the process without a drain anyway).
+        if callable(previous) and not getattr(previous, "_tollgate_drain", False):
+            signal.signal(signum, _chained(previous, loop))
+
+
+def _chained(previous: Callable[[int, FrameType | None], Any], loop: asyncio.AbstractEventLoop) -> Any:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(begin_shutdown)
+        previous(signum, frame)
+
+    handler._tollgate_drain = True  # type: ignore[attr-defined]
+    return handler
 
 
 class PoolReloader:

@@ -21,8 +21,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -161,7 +162,7 @@ class Relay:
                 with cancel:
                     cancel.deadline = anyio.current_time() + self.deps.settings.upstream.total_timeout_seconds
                     await (self._stream if self.job.stream else self._respond)(send_while_connected)
-                if cancel.cancelled_caught and not self._client_gone:
+                if cancel.cancelled_caught and not self._client_gone and not self._complete:
                     await self._end_cut(send_while_connected)
         except TollgateError as exc:
             self.status = _status_of(exc)
@@ -195,9 +196,18 @@ class Relay:
         )
         if not self._started:
             raise error
-        self.status = "shutdown" if isinstance(error, ShuttingDownError) else _status_of(error)
         self.meter.delivered()
+        await self._fail_in_band(error, send)
+
+    def _completing(self) -> None:
+        """The answer is in hand and only sending is left: no deadline or drain may cut it any more."""
         self._complete = True
+        self._cancel.deadline = math.inf
+
+    async def _fail_in_band(self, error: TollgateError, send: Send) -> None:
+        """End a stream whose headers went out with a final error event (Workers AI's shape) and ``[DONE]``."""
+        self.status = "shutdown" if isinstance(error, ShuttingDownError) else _status_of(error)
+        self._completing()
         await send(_more(_sse.error_frame(error.code, error.message)))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
 
@@ -217,9 +227,10 @@ class Relay:
 
     # -- the worker call ------------------------------------------------------------------------------------
 
-    async def _open(self) -> _Opened:
-        """Serve the job from the first worker that can: retries happen only here, before any byte reached the
-        client, each on another worker, at most ``routing.retries`` of them."""
+    async def _open(self, accept: Callable[[], Awaitable[None]] | None = None) -> _Opened:
+        """Serve the job from the first worker that can: retries happen only here, before any of the answer reached
+        the client, each on another worker, at most ``routing.retries`` of them. ``accept`` (streams, with
+        ``upstream.stream_headers: on_accept``) runs once, when a first worker takes the request."""
         routing = self.deps.settings.routing
         path, body = to_vllm_request(self.job, self.model.served_name)
         content = json.dumps(body, ensure_ascii=False).encode()
@@ -227,6 +238,8 @@ class Relay:
         tried: list[Worker] = []
         failures: list[_Retry] = []
         for _ in range(routing.retries + 1):
+            if self._client_gone:
+                break
             try:
                 worker = await self.pool.acquire(
                     self.demand,
@@ -243,7 +256,7 @@ class Relay:
                 "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
             )
             try:
-                opened = await self._attempt(worker, request)
+                opened = await self._attempt(worker, request, accept)
             except _Retry as retry:
                 self.pool.release(worker)
                 failures.append(retry)
@@ -257,11 +270,17 @@ class Relay:
             self._worker = worker
             self._response = opened.response
             return opened
+        if not failures:  # the client left before any attempt
+            raise UpstreamUnavailableError("The client left before a worker took the request")
+        if all(failure.worker_status == 429 for failure in failures):
+            raise routing_error(CapacityError(), self.pool.name, self.deps.metrics)
         if self.job.lora and all(failure.worker_status == 404 for failure in failures):
             raise InvalidRequestError(f"'/lora': no worker serves the adapter '{self.job.lora}'")
         raise failures[-1].error
 
-    async def _attempt(self, worker: Worker, request: httpx.Request) -> _Opened:
+    async def _attempt(
+        self, worker: Worker, request: httpx.Request, accept: Callable[[], Awaitable[None]] | None
+    ) -> _Opened:
         """One worker's try. Raises :class:`_Retry` for what another worker may not share (a refused connection,
         5xx, a busy answer, a stream that fails before its first token); records the worker's health either way."""
         try:
@@ -282,11 +301,15 @@ class Relay:
         try:
             if response.status_code != 200:
                 await self._refused(worker, response)
+            if accept is not None:
+                self._response = response  # a client leaving from now on is a hang-up: read what the worker sent
+                if not self._started:
+                    await accept()
             opened = await (self._first_event(response) if self.job.stream else self._whole_answer(response))
         except _Retry as retry:
             await response.aclose()
-            if retry.worker_status not in (404, 429):  # a missing adapter or a busy worker is not a broken one
-                worker.failed(str(retry))
+            if retry.worker_status not in (404, 429) or (retry.worker_status == 404 and not self.job.lora):
+                worker.failed(str(retry))  # a busy worker, or one without the adapter asked for, is not broken
             raise
         except BaseException:
             await response.aclose()
@@ -296,22 +319,25 @@ class Relay:
         return opened
 
     async def _refused(self, worker: Worker, response: httpx.Response) -> None:
-        """A worker's non-200 answer, classified by status (never by its text): 400 is the client's, the rest is
-        the worker's, and another worker may be tried."""
+        """A worker's non-200 answer, classified by status (never by its text): 400 and 422 are the client's; 5xx,
+        a busy 429 and a 404 (model or adapter missing there) send the request to another worker; any other status
+        is a misconfigured worker, answered 502 at once."""
         try:
             with map_upstream_errors():
                 raw = await _read_capped(response, 65536)
         except UpstreamError as exc:
             raise _Retry(exc) from None
-        if response.status_code == 400:
+        status = response.status_code
+        if status in (400, 422):
             try:
                 detail = _answers.error_text(_answers.parse_object(raw))
             except UpstreamError:
                 detail = "the worker refused the request"
-            worker.succeeded()
             raise InvalidRequestError(detail)
-        error = UpstreamError(f"The inference worker answered HTTP {response.status_code}")
-        raise _Retry(error, worker_status=response.status_code)
+        error = UpstreamError(f"The inference worker answered HTTP {status}")
+        if status >= 500 or status in (404, 429):
+            raise _Retry(error, worker_status=status)
+        raise error
 
     async def _whole_answer(self, response: httpx.Response) -> _Opened:
         try:
@@ -335,7 +361,10 @@ class Relay:
         if first is None:
             raise _Retry(UpstreamError("The inference worker closed the stream before its first token"))
         if first.data != "[DONE]":
-            chunk = _answers.parse_object(first.data)
+            try:
+                chunk = _answers.parse_object(first.data)
+            except UpstreamError as exc:
+                raise _Retry(exc) from None
             if "error" in chunk:
                 raise _Retry(UpstreamError(f"The inference worker failed: {_answers.error_text(chunk)}"))
         set_read_timeout(response, self.deps.settings.upstream.between_tokens_timeout_seconds)
@@ -357,6 +386,7 @@ class Relay:
         text, tool_calls = _answers.whole_answer(data)
         self.meter.observe_usage(data.get("usage"))
         answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
+        self._completing()
         self.meter.delivered(text + _answers.tool_calls_text(tool_calls))
         self.meter.answered = True
         usage = await self._settle()
@@ -370,25 +400,16 @@ class Relay:
             *_encode(usage_headers(usage, cost)),
             *_encode(self.caller.headers),
         ]
-        self._complete = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     # -- streaming ----------------------------------------------------------------------------------------------
 
     async def _stream(self, send: Send) -> None:
-        opened = await self._open()
-        if self._prompt_tokens is None:  # counted while the worker starts generating; the bill needs it anyway
-            self._prompt_tokens = await self._count_prompt()
-        # The stream's final usage event carries the completion tokens and the cost; the headers, the prompt tokens.
-        headers = [
-            *_sse.SSE_HEADERS,
-            (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode()),
-            *_encode(self.caller.headers),
-        ]
-        self._started = True
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        self.meter.answered = True
+        opened = await self._start_stream(send)
+        if opened is None:
+            return
+        self.meter.answered = True  # a worker's first event is in hand
         tool_calls = _answers.ToolCallBuffer()
         try:
             with map_upstream_errors():
@@ -397,14 +418,12 @@ class Relay:
         except UpstreamError as exc:
             if self._client_gone:
                 return  # the worker closed because the gateway hung up on it: everything it sent is counted
-            self.status = _status_of(exc)
             if self._worker is not None:
                 self._worker.failed(f"stream failed: {exc.message}")
             logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
-            self._complete = True
-            await send(_more(_sse.error_frame(exc.code, exc.message)))
-            await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+            await self._fail_in_band(exc, send)
             return
+        self._completing()
         if self._worker is not None:
             self._worker.succeeded()
         if tool_calls:
@@ -415,9 +434,45 @@ class Relay:
             self.meter.delivered()  # the final usage report covers only what was delivered
         usage = await self._settle()
         usage_frame = _sse.frame({"response": "", "usage": usage_with_cost(usage, self._cost(usage))})
-        self._complete = True
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+
+    async def _start_stream(self, send: Send) -> _Opened | None:
+        """Find a worker for the stream and send the headers; ``None`` if the stream ended in-band meanwhile."""
+        # The prompt is counted (for the headers and the bill) while the request goes out to a worker.
+        counting = asyncio.ensure_future(self._count_prompt()) if self._prompt_tokens is None else None
+
+        async def send_headers() -> None:
+            if counting is not None:
+                self._prompt_tokens = await counting
+            # The final usage event carries the completion tokens and the cost; the headers, the prompt tokens.
+            headers = [
+                *_sse.SSE_HEADERS,
+                (b"x-tollgate-prompt-tokens", str(self._prompt_tokens).encode()),
+                *_encode(self.caller.headers),
+            ]
+            self._started = True
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        # "on_accept": the headers go out once a worker takes the stream, not with its first token (handling them
+        # then would add to the client's time to first token); they depend on no worker, so until the first token a
+        # failing worker is still replaced unseen, but a stream no worker starts then ends with an in-band error.
+        early = self.deps.settings.upstream.stream_headers == "on_accept"
+        try:
+            opened = await self._open(send_headers if early else None)
+            if not early:
+                await send_headers()
+            return opened
+        except TollgateError as exc:
+            if not self._started:
+                raise
+            if not self._client_gone:
+                logger.warning("stream %s found no worker after its headers: %r", self.caller.request_id, exc)
+                await self._fail_in_band(exc, send)
+            return None
+        finally:
+            if counting is not None and not counting.done():
+                counting.cancel()
 
     async def _pump(self, opened: _Opened, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
         """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""

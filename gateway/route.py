@@ -113,15 +113,18 @@ class Worker:
 
     # -- health: the circuit breaker ----------------------------------------------------------------------
 
+    def current_health(self) -> Health:
+        """Its health now: an ejection whose time is up turns half-open."""
+        if self.health is Health.EJECTED and self._clock() >= self._retry_at:
+            self.health = Health.HALF_OPEN
+        return self.health
+
     def is_routable(self) -> bool:
         """Can take a request now: up, or half-open with no trial running."""
         if self.removed:
             return False
-        if self.health is Health.EJECTED and self._clock() >= self._retry_at:
-            self.health = Health.HALF_OPEN
-        if self.health is Health.HALF_OPEN:
-            return self.in_flight == 0
-        return self.health is Health.UP
+        health = self.current_health()
+        return health is Health.UP or (health is Health.HALF_OPEN and self.in_flight == 0)
 
     def is_probe_due(self) -> bool:
         """Should the background check probe it now? Not while it sits out its ejection."""
@@ -197,7 +200,7 @@ class Worker:
         return {
             "url": self.url,
             "weight": self.weight,
-            "health": self.health.value,
+            "health": self.current_health().value,
             "in_flight": self.in_flight,
             "consecutive_failures": self.failures,
             "ejections": self.ejections,
@@ -303,21 +306,23 @@ class WorkerPool:
         worker.in_flight -= 1
         if worker.removed and worker.in_flight == 0 and worker in self._retired:
             self._retired.remove(worker)
-        self.dispatch()
+        self.dispatch(workers_changed=worker.health is Health.EJECTED)  # its request may have ejected it
 
-    def dispatch(self) -> None:
-        """Hand free places to waiting requests, in arrival order; fail those that no worker can serve any more.
-        Called when a request ends and when a worker's state changes."""
+    def dispatch(self, *, workers_changed: bool = False) -> None:
+        """Hand free places to waiting requests, in arrival order. Called when a request ends or joins the queue;
+        with ``workers_changed`` (health checks, reloads), also fail the waiters no worker can serve any more."""
         for waiter in list(self._waiters):
             if waiter.future.done():
                 self._waiters.remove(waiter)
                 continue
+            if not workers_changed and not any(worker.has_room() for worker in self.workers):
+                return  # a long queue costs nothing while every worker is full
             worker = self._pick(waiter.demand, waiter.exclude)
             if worker is not None:
                 worker.in_flight += 1
                 waiter.future.set_result(worker)
                 self._waiters.remove(waiter)
-            elif not self._suitable(waiter.demand, waiter.exclude):
+            elif workers_changed and not self._suitable(waiter.demand, waiter.exclude):
                 waiter.future.set_exception(NoWorkerError(self._why_none(waiter.demand)))
                 self._waiters.remove(waiter)
 
@@ -371,9 +376,14 @@ class WorkerPool:
         ones take no new requests while theirs finish."""
         current = {worker.url: worker for worker in self.workers}
         kept: list[Worker] = []
+        retired = {worker.url: worker for worker in self._retired}
         for config in workers:
             url = config.url.rstrip("/")
             worker = current.pop(url, None)
+            if worker is None and url in retired:  # back before its last requests ended: the same worker again
+                worker = retired[url]
+                self._retired.remove(worker)
+                worker.removed = False
             if worker is None:
                 worker = Worker(config, self._routing, self._clock)
                 logger.warning("pool %s: worker %s added", self.name, url)
@@ -389,7 +399,7 @@ class WorkerPool:
             if worker.in_flight:
                 self._retired.append(worker)
         self.workers = tuple(kept)
-        self.dispatch()
+        self.dispatch(workers_changed=True)
 
     def status(self) -> dict[str, Any]:
         return {

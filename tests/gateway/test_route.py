@@ -287,7 +287,7 @@ async def test_waiters_fail_when_the_last_worker_is_ejected() -> None:
     await queued(pool, 2)
     for worker in pool.workers:
         worker.failed("refused", eject=True)
-    pool.dispatch()
+    pool.dispatch(workers_changed=True)  # as the health checks do after a round
     for waiter in waiters:
         with pytest.raises(NoWorkerError):
             await waiter
