@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from redis.asyncio import Redis
 
 from billing import Tokenizer
@@ -142,6 +143,46 @@ async def test_a_stream_no_worker_starts_after_its_headers_ends_in_band(
             assert sum(len(sim.served) for sim in sims) == 2  # tried on both, nothing delivered
             event = await billed(gateway, response.headers["x-request-id"])
             assert (event["completion_tokens"], event["status"]) == ("0", "upstream_error")
+
+
+async def test_with_first_token_headers_a_stream_no_worker_starts_is_an_http_error(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with workers(tokenizer, 2) as sims:
+        for sim in sims:
+            sim.faults.die_after_tokens = 0
+        env = {**ROUTING, "TOLLGATE_UPSTREAM__STREAM_HEADERS": "with_first_token"}
+        async with gateway_for(redis_url, tokenizer, [sim.url for sim in sims], **env) as gateway:
+            response = await gateway.run(STREAM)
+            assert response.status_code == 502 and response.json()["errors"][0]["code"] == 5502
+            sims[0].faults.die_after_tokens = sims[1].faults.die_after_tokens = None
+            await asyncio.sleep(0.35)  # both were ejected by their failure; past eject_seconds they get a trial
+            response = await gateway.run(STREAM)
+            assert response.status_code == 200 and "usage" in sse_events(response.text)[-2]
+
+
+async def test_worker_statuses_busy_everywhere_is_3040_and_a_422_is_the_clients(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    answers = {"status": 429}
+
+    def worker(request: httpx.Request) -> httpx.Response:
+        error = {"message": "nope", "type": "BadRequestError", "code": answers["status"]}
+        return httpx.Response(answers["status"], json={"error": error})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(worker))
+    urls = ["http://w1.test", "http://w2.test"]
+    async with gateway_for(redis_url, tokenizer, urls, http=http, **ROUTING) as gateway:
+        for body in (WHOLE, STREAM):
+            response = await gateway.run(body)
+            assert response.status_code == 429 and response.json()["errors"][0]["code"] == 3040
+        assert all(worker.health is Health.UP for worker in gateway.deps.pools["bf16"].workers)  # busy, not broken
+        answers["status"] = 422
+        response = await gateway.run(WHOLE)
+        assert response.status_code == 400 and response.json()["errors"][0]["message"].endswith("nope")
+        answers["status"] = 401  # a misconfigured worker: not retried, not the client's fault
+        response = await gateway.run(WHOLE)
+        assert response.status_code == 502 and "401" in response.json()["errors"][0]["message"]
 
 
 async def test_a_stream_dying_mid_way_ends_in_band_and_counts_against_the_worker(
