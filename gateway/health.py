@@ -22,7 +22,6 @@ model's (upstream-vllm.md §6). After each round, waiting requests are handed an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import RoutingSettings
+from gateway.lifecycle import BackgroundTask
 from gateway.route import Catalog, Health, Worker, WorkerLoad, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -64,18 +64,14 @@ class PoolMonitor:
         self._clock = clock
         self._last_probe: dict[Worker, float] = {}
         self._last_load: dict[Worker, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("tollgate-pool-monitor", self._run)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tollgate-pool-monitor")
+        self._task.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the checks and close their client."""
+        await self._task.aclose()
         await self._http.aclose()
 
     async def check_now(self) -> None:

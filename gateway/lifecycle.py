@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import FrameType
 from typing import Any, Protocol
 
@@ -118,6 +118,26 @@ def _chained(previous: Callable[[int, FrameType | None], Any], loop: asyncio.Abs
     return handler
 
 
+class BackgroundTask:
+    """A named task of this process's event loop, started once and cancelled by :meth:`aclose`."""
+
+    def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._run = run
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class PoolReloader:
     """Applies changes to the configured pools while running. ``load`` returns the configuration's current pools
     (raising :class:`SettingsError` on a bad file, which leaves the pools as they are)."""
@@ -133,18 +153,14 @@ class PoolReloader:
         self._current = current
         self._load = load
         self._interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("tollgate-pool-reloader", self._run)
 
     def start(self) -> None:
-        if self._interval > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tollgate-pool-reloader")
+        if self._interval > 0:
+            self._task.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.aclose()
 
     def reload(self) -> bool:
         """Re-read the pools now; ``True`` if they changed. Raises :class:`SettingsError` for a bad configuration."""

@@ -10,10 +10,10 @@ Each :class:`WorkerPool` holds its workers' state as this replica sees it:
 - **prefix affinity** (optional): requests with the same system prompt prefer one worker (rendezvous hashing), for
   its prefix cache, as long as that worker has at most ``affinity_max_imbalance`` more requests than the least
   loaded one; past that, load wins.
-- **health**: a circuit breaker per worker. A refused connection ejects it at once; ``eject_after_failures``
-  consecutive failed requests (5xx, timeouts, dropped streams) or a failed ``/health`` check eject it too. After
-  ``eject_seconds`` it is half-open: one request (or the next health check) may try it; success takes it back,
-  failure ejects it for twice as long, up to ``max_eject_seconds``.
+- **health**: a circuit breaker per worker. A refused connection (or ``/health`` 503, gateway/health.py) ejects it
+  at once; ``eject_after_failures`` consecutive failures (5xx, timeouts, dropped streams, failed checks) eject it
+  too. After ``eject_seconds`` it is half-open: one request may try it (and a failing check ejects it again);
+  success takes it back, failure ejects it for twice as long, up to ``max_eject_seconds``.
 - **what it serves**: the models, context window and LoRA adapters its ``/v1/models`` lists (plus adapters named
   in the config). Until it was first read, a worker is assumed to serve its pool's models.
 - **capacity**: at most ``max_in_flight_per_worker`` requests of this replica per worker. When every suitable worker
@@ -131,8 +131,8 @@ class Worker:
         return not (self.health is Health.EJECTED and self._clock() < self._retry_at)
 
     def succeeded(self) -> None:
-        """A request or a health check went well: the worker is (back) up. A request that started before an
-        ejection and ends well meanwhile changes nothing: the worker sits its ejection out."""
+        """A request went well: the worker is (back) up. One that started before an ejection and ends well while
+        the worker sits it out changes nothing. (Health checks never call this: passing one proves too little.)"""
         if self.health is Health.EJECTED and self._clock() < self._retry_at:
             return
         self.failures = 0
