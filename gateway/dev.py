@@ -4,7 +4,6 @@ key on this machine, stopped together on Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import shutil
@@ -71,8 +70,8 @@ def run_dev(*, port: int, tenant: str) -> int:
             children.append(gateway)
             wait_for_http(f"http://127.0.0.1:{port}/healthz", gateway)
             issued = asyncio.run(_create_demo_key(redis_url, tenant))
-            _print_banner(port, redis_url, workers, issued, admin_token)
-            _wait_until_a_child_exits(children)
+            _print_banner(port, redis_url, workers, issued, admin_token, worker_pids=[c.pid for c in children[:-1]])
+            _serve_until_the_gateway_exits(gateway, dict(zip(workers, children[:-1], strict=True)))
     except ProcessStartError as exc:
         print(f"tollgate dev: {exc}", file=sys.stderr)
         return 1
@@ -96,12 +95,20 @@ async def _create_demo_key(redis_url: str, tenant: str) -> IssuedKey:
         await redis.aclose()
 
 
-def _wait_until_a_child_exits(children: list[subprocess.Popen[bytes]]) -> None:
-    while all(child.poll() is None for child in children):
+def _serve_until_the_gateway_exits(
+    gateway: subprocess.Popen[bytes], workers: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """Wait for the gateway to exit; a simulated worker that exits is only reported (the gateway routes around it)."""
+    gone: set[str] = set()
+    while gateway.poll() is None:
+        for url, worker in workers.items():
+            if url not in gone and worker.poll() is not None:
+                gone.add(url)
+                print(
+                    f"tollgate dev: the simulated worker at {url} exited; the gateway routes around it", file=sys.stderr
+                )
         time.sleep(0.5)
-    with contextlib.suppress(StopIteration):
-        dead = next(child for child in children if child.poll() is not None)
-        print(f"tollgate dev: {' '.join(map(str, dead.args))} exited; stopping", file=sys.stderr)
+    print(f"tollgate dev: the gateway exited with code {gateway.returncode}; stopping", file=sys.stderr)
 
 
 def _tollgate_command() -> str:
@@ -111,7 +118,9 @@ def _tollgate_command() -> str:
     return os.path.relpath(Path(sys.executable).parent / "tollgate")
 
 
-def _print_banner(port: int, redis_url: str, workers: list[str], issued: IssuedKey, admin_token: str) -> None:
+def _print_banner(
+    port: int, redis_url: str, workers: list[str], issued: IssuedKey, admin_token: str, *, worker_pids: list[int]
+) -> None:
     base = f"http://127.0.0.1:{port}"
     account = issued.record.tenant
     url = f"{base}/client/v4/accounts/{account}/ai/run/@cf/meta/llama-3.1-8b-instruct"
@@ -149,6 +158,9 @@ The workers as the gateway sees them (health, load, what each serves), and readi
 
   curl -sS {base}/admin/v1/pools -H "Authorization: Bearer {admin_token}"
   curl -sS {base}/readyz
+
+Stop a worker (kill -9 {worker_pids[0]}) and the gateway routes around it: requests keep succeeding, and the pools
+show it ejected.
 """,
         flush=True,
     )

@@ -56,6 +56,26 @@ def test_cli_dev_serves_a_demo_key_and_stops_everything_it_started(stop_signal: 
         assert is_port_free(p), f"port {p} still in use after {stop_signal.name}"
 
 
+def test_cli_dev_routes_around_a_worker_killed_while_it_runs() -> None:
+    port = free_port()
+    proc = subprocess.Popen([*TOLLGATE, "dev", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        key = read_until(proc, r"API key\s+(tg_\S+)").group(1)
+        url = read_until(proc, r"curl -sS (\S+)").group(1)
+        victim = int(read_until(proc, r"kill -9 (\d+)").group(1))
+        os.kill(victim, signal.SIGKILL)
+        body = {"prompt": "Hello", "max_tokens": 8}
+        for stream in (False, True) * 5:
+            response = httpx.post(
+                url, json={**body, "stream": stream}, headers={"Authorization": f"Bearer {key}"}, trust_env=False
+            )
+            assert response.status_code == 200, response.text
+        assert proc.poll() is None  # a worker's death does not stop the others
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 async def test_cli_keys_create_prints_a_working_key_once(redis: Redis, redis_url: str) -> None:
     result = await asyncio.to_thread(
         subprocess.run,
