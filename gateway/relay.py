@@ -261,7 +261,8 @@ class Relay:
                 self.pool.release(worker)
                 failures.append(retry)
                 self.deps.metrics.upstream_retries.labels(self.pool.name).inc()
-                logger.warning("worker %s failed before serving %s: %s", worker.url, self.caller.request_id, retry)
+                cause = retry.error.__cause__ or retry  # the transport's own error says more than ours
+                logger.warning("worker %s failed before serving %s: %s", worker.url, self.caller.request_id, cause)
                 continue
             except BaseException:
                 self.pool.release(worker)
