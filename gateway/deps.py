@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -37,6 +38,8 @@ from gateway.lifecycle import Drain, PoolReloader
 from gateway.observe import GatewayMetrics, PoolCollector, SpoolCollector
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
+
+logger = logging.getLogger(__name__)
 
 
 class PendingBills:
@@ -165,6 +168,7 @@ def build_dependencies(
     )
     http = build_http_client(settings)
     pools = {name: WorkerPool(name, pool.workers, settings.routing) for name, pool in settings.pools.items()}
+    _warn_if_connections_run_short(settings)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SpoolCollector(durable_ledger))
     registry.register(PoolCollector(pools))
@@ -199,6 +203,19 @@ def build_dependencies(
         drain=Drain(settings.server.drain_seconds),
         clock=clock,
     )
+
+
+def _warn_if_connections_run_short(settings: Settings) -> None:
+    """Every request in flight holds a connection to its worker: the pool of them should cover the workers' caps."""
+    cap = settings.routing.max_in_flight_per_worker
+    needed = cap * sum(len(pool.workers) for pool in settings.pools.values())
+    if cap and needed > settings.upstream.max_connections:
+        logger.warning(
+            "upstream.max_connections (%d) is below the %d requests the pools' workers may have in flight "
+            "(routing.max_in_flight_per_worker x workers): requests past it wait for a connection",
+            settings.upstream.max_connections,
+            needed,
+        )
 
 
 def _retention(settings: Settings) -> Retention:
