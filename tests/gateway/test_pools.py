@@ -37,6 +37,8 @@ WHOLE = {"prompt": "Tell me a story", "max_tokens": 30}
 FAST = {"tokens_per_second": 0, "time_to_first_token_seconds": 0, "completion_tokens": 12}
 # Quick routing for tests: no background checks unless a test starts them.
 ROUTING = {"TOLLGATE_ROUTING__EJECT_SECONDS": "0.3", "TOLLGATE_ROUTING__MAX_EJECT_SECONDS": "0.6"}
+# For tests that count on an ejected worker staying out, however slow the machine.
+STAY_OUT = {"TOLLGATE_ROUTING__EJECT_SECONDS": "60", "TOLLGATE_ROUTING__MAX_EJECT_SECONDS": "60"}
 
 
 def sse_events(text: str) -> list[Any]:
@@ -94,7 +96,7 @@ async def test_worker_5xx_is_retried_elsewhere_billed_once_and_ejects_after_thre
 ) -> None:
     async with workers(tokenizer, 2) as [broken, good]:
         broken.faults.error_rate = 1.0
-        async with gateway_for(redis_url, tokenizer, [broken.url, good.url], **ROUTING) as gateway:
+        async with gateway_for(redis_url, tokenizer, [broken.url, good.url], **STAY_OUT) as gateway:
             # the broken worker is drawn about every other time until its third failure ejects it
             responses = [await gateway.run(STREAM if i % 2 else WHOLE) for i in range(30)]
             assert [response.status_code for response in responses] == [200] * 30
@@ -190,7 +192,7 @@ async def test_a_stream_dying_mid_way_ends_in_band_and_counts_against_the_worker
 ) -> None:
     async with workers(tokenizer, 1, completion_tokens=40) as [dying]:
         dying.faults.die_after_tokens = 5
-        async with gateway_for(redis_url, tokenizer, [dying.url], **ROUTING) as gateway:
+        async with gateway_for(redis_url, tokenizer, [dying.url], **STAY_OUT) as gateway:
             for _ in range(3):
                 response = await gateway.run(STREAM)
                 events = sse_events(response.text)
