@@ -369,6 +369,21 @@ async def test_fp8_and_lora_requests_land_only_on_workers_that_serve_them(
             assert await redis.dbsize() == before  # refused before admission: no limits touched, nothing billed
 
 
+async def test_prefix_affinity_keeps_a_system_prompt_on_one_worker(
+    tokenizer: Tokenizer, redis: Redis, redis_url: str
+) -> None:
+    async with workers(tokenizer, 3) as sims:
+        env = {"TOLLGATE_ROUTING__PREFIX_AFFINITY": "true"}
+        async with gateway_for(redis_url, tokenizer, [sim.url for sim in sims], **env) as gateway:
+            for system in ("You are a pirate.", "You are a librarian."):
+                before = [len(sim.served) for sim in sims]
+                for turn in range(8):
+                    messages = [{"role": "system", "content": system}, {"role": "user", "content": f"turn {turn}"}]
+                    assert (await gateway.run({"messages": messages, "max_tokens": 5})).status_code == 200
+                grew = [len(sim.served) - count for sim, count in zip(sims, before, strict=True)]
+                assert sorted(grew) == [0, 0, 8]  # one worker took every turn of the conversation
+
+
 # -- readiness, drain and reload -----------------------------------------------------------------------------------
 
 
