@@ -95,8 +95,11 @@ class Catalog:
 class Worker:
     """One vLLM worker as this replica sees it: its requests in flight, health, load and catalog."""
 
-    def __init__(self, config: WorkerSettings, routing: RoutingSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: WorkerSettings, routing: RoutingSettings, clock: Callable[[], float], *, pool: str = ""
+    ) -> None:
         self.url = config.url.rstrip("/")
+        self.pool = pool  # for the logs: a URL listed in two pools is one Worker in each
         self.weight = config.weight
         self.configured_adapters = frozenset(config.lora)
         self.in_flight = 0
@@ -138,7 +141,7 @@ class Worker:
         self.failures = 0
         self._eject_seconds = self._routing.eject_seconds
         if self.health is not Health.UP:
-            logger.warning("worker %s is back", self.url)
+            logger.warning("pool %s: worker %s is back", self.pool, self.url)
             self.health = Health.UP
 
     def failed(self, reason: str, *, eject: bool = False) -> None:
@@ -155,7 +158,7 @@ class Worker:
         self.health = Health.EJECTED
         self.ejections += 1
         self._retry_at = now + self._eject_seconds
-        logger.warning("worker %s ejected for %.1f s: %s", self.url, self._eject_seconds, reason)
+        logger.warning("pool %s: worker %s ejected for %.1f s: %s", self.pool, self.url, self._eject_seconds, reason)
         self._eject_seconds = min(self._eject_seconds * 2, self._routing.max_eject_seconds)
 
     # -- what it serves, and how loaded it is ----------------------------------------------------------------
@@ -245,7 +248,7 @@ class WorkerPool:
         self._routing = routing
         self._clock = clock
         self._rng = rng or random.Random()
-        self.workers: tuple[Worker, ...] = tuple(Worker(config, routing, clock) for config in workers)
+        self.workers: tuple[Worker, ...] = tuple(Worker(config, routing, clock, pool=name) for config in workers)
         self._retired: list[Worker] = []  # removed by a reload, with requests still running
         self._waiters: collections.deque[_Waiter] = collections.deque()
 
@@ -385,7 +388,7 @@ class WorkerPool:
                 self._retired.remove(worker)
                 worker.removed = False
             if worker is None:
-                worker = Worker(config, self._routing, self._clock)
+                worker = Worker(config, self._routing, self._clock, pool=self.name)
                 logger.warning("pool %s: worker %s added", self.name, url)
             else:
                 worker.weight = config.weight

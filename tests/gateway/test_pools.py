@@ -334,11 +334,9 @@ async def test_a_stream_over_the_total_time_ends_in_band_and_bills_what_was_sent
             event = await billed(gateway, response.headers["x-request-id"])
             assert event["status"] == "upstream_timeout"
             await wait_for(lambda: any(r["request_id"] == response.headers["x-request-id"] for r in slow.served))
-            assert (
-                0
-                < int(event["completion_tokens"])
-                == slow.record_for(response.headers["x-request-id"])["completion_tokens"]
-            )
+            completion = int(event["completion_tokens"])  # what reached the client; a token may have been in flight
+            sent = slow.record_for(response.headers["x-request-id"])["completion_tokens"]
+            assert 0 < completion <= sent <= completion + 3
             assert text
 
 
@@ -421,7 +419,9 @@ async def test_drain_lets_short_streams_finish_and_ends_long_ones_cleanly_billed
             event = await billed(gateway, request_id)
             await wait_for(lambda: request_id in served_ids(worker))
             assert event["status"] == "shutdown"
-            assert 0 < int(event["completion_tokens"]) == worker.record_for(request_id)["completion_tokens"] < 400
+            # billed for what reached the client; the worker may have sent a token or two more meanwhile
+        completion = int(event["completion_tokens"])
+        assert 0 < completion <= worker.record_for(request_id)["completion_tokens"] <= completion + 3 < 400
 
 
 async def test_a_pool_reload_adds_and_removes_workers_without_dropping_streams(
