@@ -10,8 +10,9 @@ from starlette.responses import JSONResponse, Response
 from gateway.admit import admit, admit_request
 from gateway.deps import Dependencies
 from gateway.errors import ShuttingDownError, UnknownModelError
-from gateway.relay import Caller, Relay, routing_error
+from gateway.relay import Caller, Relay
 from gateway.route import CapacityError, Demand, NoWorkerError
+from gateway.upstream import routing_error
 from gateway.validate import InferenceJob, parse_body, validate
 
 

@@ -1,7 +1,8 @@
 """Step 5, relay: send an admitted job to a worker and bring its answer back in Workers AI shape.
 
-:class:`Relay` is the ASGI app that owns one request from the worker call to the bill. It watches for the client
-going away the whole time, retries another worker only before any byte was sent, and bills from one shielded
+:class:`Relay` is the ASGI app that owns one request from the worker call to the bill. The call itself (which
+worker, retries before any of the answer was sent) is gateway/upstream.py. The relay watches for the client
+going away the whole time, ends the request cleanly at a deadline or the drain, and bills from one shielded
 ``finally`` whatever happened: success, worker failure, timeout, client disconnect or shutdown (RELIABILITY §4.1:
 never from a background task or from code after the loop).
 
@@ -16,19 +17,16 @@ and the connection closed instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import httpx
-from httpx_sse import EventSource, ServerSentEvent, SSEError
+from httpx_sse import ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
 from billing import (
@@ -39,7 +37,7 @@ from billing import (
     settle_usage,
 )
 from gateway import _answers, _sse
-from gateway._transport import hang_up, set_read_timeout
+from gateway._transport import hang_up
 from gateway.admit import Admission, count_prompt_async
 from gateway.errors import (
     CapacityExceededError,
@@ -52,9 +50,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.meter import Meter, usage_headers, usage_with_cost
-from gateway.observe import GatewayMetrics
-from gateway.route import CapacityError, Demand, NoWorkerError, UnknownAdapterError, Worker
-from gateway.translate import to_vllm_request
+from gateway.upstream import Opened, WorkerCall, map_upstream_errors
 from gateway.validate import InferenceJob
 
 if TYPE_CHECKING:
@@ -62,15 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Most specific first: connect-level failures mean the worker never saw the request, so another may be tried.
-_UPSTREAM_ERRORS: Final = (
-    (httpx.ConnectTimeout, UpstreamUnavailableError),
-    (httpx.PoolTimeout, UpstreamUnavailableError),
-    (httpx.ConnectError, UpstreamUnavailableError),
-    (httpx.TimeoutException, UpstreamTimeoutError),
-    (httpx.TransportError, UpstreamError),
-    (SSEError, UpstreamError),
-)
 _STATUS_BY_ERROR: Final = (
     (ShuttingDownError, "shutdown"),
     (UpstreamTimeoutError, "upstream_timeout"),
@@ -80,38 +67,6 @@ _STATUS_BY_ERROR: Final = (
     (CapacityExceededError, "capacity"),
 )
 _JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
-
-
-@contextlib.contextmanager
-def map_upstream_errors() -> Iterator[None]:
-    """Translate httpx's errors into the gateway's tree; the one place that knows httpx's exceptions."""
-    try:
-        yield
-    except (httpx.HTTPError, SSEError) as exc:
-        for source, target in _UPSTREAM_ERRORS:
-            if isinstance(exc, source):
-                raise target() from exc
-        raise UpstreamError() from exc
-
-
-class _Retry(Exception):
-    """The attempt on one worker failed before any byte reached the client: another worker may be tried."""
-
-    def __init__(self, error: UpstreamError, *, worker_status: int = 0) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.worker_status = worker_status
-
-
-@dataclasses.dataclass(slots=True)
-class _Opened:
-    """A worker's answer, as far as it was read to know the worker serves the request: a non-streaming answer's
-    whole body, or a stream's first event (with the events that follow)."""
-
-    response: httpx.Response
-    body: bytes = b""
-    first: ServerSentEvent | None = None
-    events: AsyncIterator[ServerSentEvent] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,9 +89,6 @@ class Relay:
         self.caller = caller
         self.deps = deps
         self.model = deps.settings.models[job.model]
-        self.pool = deps.pools[self.model.pool]
-        affinity = _affinity(job) if deps.settings.routing.prefix_affinity else None
-        self.demand = Demand(self.model.served_name, self.model.context_window_tokens, job.lora, affinity)
         self.meter = Meter(job.max_tokens)
         self.status = "ok"
         self._complete = False
@@ -145,9 +97,7 @@ class Relay:
         self._cut_error: TollgateError | None = None
         self._cancel = anyio.CancelScope()
         self._usage: Usage | None = None
-        self._response: httpx.Response | None = None
-        self._worker: Worker | None = None
-        self._exits = contextlib.ExitStack()
+        self._call = WorkerCall(job, caller.request_id, deps, lambda: self._client_gone)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cancel = self._cancel
@@ -218,171 +168,17 @@ class Relay:
             return
         self.status = "client_disconnected"
         self._client_gone = True
-        if self.job.stream and self._response is not None and hang_up(self._response):
+        if self.job.stream and self._call.response is not None and hang_up(self._call.response):
             # The worker stops by itself now; the stream reads what it sent meanwhile, within the drain deadline.
             drain_until = anyio.current_time() + self.deps.settings.upstream.hang_up_drain_seconds
             cancel.deadline = min(cancel.deadline, drain_until)
         else:
             cancel.cancel()
 
-    # -- the worker call ------------------------------------------------------------------------------------
-
-    async def _open(self, accept: Callable[[], Awaitable[None]] | None = None) -> _Opened:
-        """Serve the job from the first worker that can: retries happen only here, before any of the answer reached
-        the client, each on another worker, at most ``routing.retries`` of them. ``accept`` (streams, with
-        ``upstream.stream_headers: on_accept``) runs once, when a first worker takes the request."""
-        routing = self.deps.settings.routing
-        path, body = to_vllm_request(self.job, self.model.served_name)
-        content = json.dumps(body, ensure_ascii=False).encode()
-        headers = {"content-type": "application/json", "x-request-id": self.caller.request_id}
-        tried: list[Worker] = []
-        failures: list[_Retry] = []
-        for _ in range(routing.retries + 1):
-            if self._client_gone:
-                break
-            try:
-                worker = await self.pool.acquire(
-                    self.demand,
-                    exclude=tried,
-                    reject_if_busy=self.job.reject_if_busy,
-                    timeout_seconds=routing.queue_timeout_seconds,
-                )
-            except (NoWorkerError, CapacityError) as exc:
-                if failures:
-                    break
-                raise routing_error(exc, self.pool.name, self.deps.metrics) from None
-            tried.append(worker)
-            request = self.deps.http.build_request(
-                "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
-            )
-            try:
-                opened = await self._attempt(worker, request, accept)
-            except _Retry as retry:
-                self.pool.release(worker)
-                failures.append(retry)
-                self.deps.metrics.upstream_retries.labels(self.pool.name).inc()
-                cause = retry.error.__cause__ or retry  # the transport's own error says more than ours
-                logger.warning("worker %s failed before serving %s: %s", worker.url, self.caller.request_id, cause)
-                continue
-            except BaseException:
-                self.pool.release(worker)
-                raise
-            self._exits.callback(self.pool.release, worker)
-            self._worker = worker
-            self._response = opened.response
-            return opened
-        if not failures:  # the client left before any attempt
-            raise UpstreamUnavailableError("The client left before a worker took the request")
-        if all(failure.worker_status == 429 for failure in failures):
-            raise routing_error(CapacityError(), self.pool.name, self.deps.metrics)
-        if self.job.lora and all(failure.worker_status == 404 for failure in failures):
-            raise InvalidRequestError(f"'/lora': no worker serves the adapter '{self.job.lora}'")
-        raise failures[-1].error
-
-    async def _attempt(
-        self, worker: Worker, request: httpx.Request, accept: Callable[[], Awaitable[None]] | None
-    ) -> _Opened:
-        """One worker's try. Raises :class:`_Retry` for what another worker may not share (a refused connection,
-        5xx, a busy answer, a stream that fails before its first token); records the worker's health either way."""
-        try:
-            with map_upstream_errors():
-                response = await self.deps.http.send(request, stream=True)
-        except UpstreamTimeoutError as exc:  # no answer head in time
-            if not self.job.stream:
-                raise  # a non-streamed answer's head comes after the whole generation: the total time ran out
-            worker.failed("no first token in time")
-            raise _Retry(exc) from None
-        except UpstreamUnavailableError as exc:  # the connection could not be made (or our own pool is exhausted)
-            if not isinstance(exc.__cause__, httpx.PoolTimeout):
-                worker.failed(f"cannot connect: {exc.__cause__!r}", eject=True)
-            raise _Retry(exc) from None
-        except UpstreamError as exc:  # the connection broke before the head: the worker died or restarted
-            worker.failed(repr(exc.__cause__))
-            raise _Retry(exc) from None
-        try:
-            if response.status_code != 200:
-                await self._refused(worker, response)
-            if accept is not None:
-                self._response = response  # a client leaving from now on is a hang-up: read what the worker sent
-                if not self._started:
-                    await accept()
-            opened = await (self._first_event(response) if self.job.stream else self._whole_answer(response))
-        except _Retry as retry:
-            await response.aclose()
-            if retry.worker_status not in (404, 429) or (retry.worker_status == 404 and not self.job.lora):
-                worker.failed(str(retry))  # a busy worker, or one without the adapter asked for, is not broken
-            raise
-        except BaseException:
-            await response.aclose()
-            raise
-        if not self.job.stream:
-            worker.succeeded()  # a stream's worker succeeds when the stream completes
-        return opened
-
-    async def _refused(self, worker: Worker, response: httpx.Response) -> None:
-        """A worker's non-200 answer, classified by status (never by its text): 400 and 422 are the client's; 5xx,
-        a busy 429 and a 404 (model or adapter missing there) send the request to another worker; any other status
-        is a misconfigured worker, answered 502 at once."""
-        try:
-            with map_upstream_errors():
-                raw = await _read_capped(response, 65536)
-        except UpstreamError as exc:
-            raise _Retry(exc) from None
-        status = response.status_code
-        if status in (400, 422):
-            try:
-                detail = _answers.error_text(_answers.parse_object(raw))
-            except UpstreamError:
-                detail = "the worker refused the request"
-            raise InvalidRequestError(detail)
-        error = UpstreamError(f"The inference worker answered HTTP {status}")
-        if status >= 500 or status in (404, 429):
-            raise _Retry(error, worker_status=status)
-        raise error
-
-    async def _whole_answer(self, response: httpx.Response) -> _Opened:
-        try:
-            with map_upstream_errors():
-                body = await _read_capped(response, self.deps.settings.upstream.max_response_bytes)
-        except UpstreamTimeoutError:
-            raise
-        except UpstreamError as exc:  # the worker died before its answer was complete: the client has seen nothing
-            raise _Retry(exc) from None
-        return _Opened(response, body=body)
-
-    async def _first_event(self, response: httpx.Response) -> _Opened:
-        """Read a stream up to its first event (the first token, with vLLM), so that a worker failing before it
-        can still be replaced; then allow only ``between_tokens_timeout_seconds`` between events."""
-        events = EventSource(response).aiter_sse()
-        try:
-            with map_upstream_errors():
-                first = await anext(events, None)
-        except UpstreamError as exc:
-            raise _Retry(exc) from None
-        if first is None:
-            raise _Retry(UpstreamError("The inference worker closed the stream before its first token"))
-        if first.data != "[DONE]":
-            try:
-                chunk = _answers.parse_object(first.data)
-            except UpstreamError as exc:
-                raise _Retry(exc) from None
-            if "error" in chunk:
-                raise _Retry(UpstreamError(f"The inference worker failed: {_answers.error_text(chunk)}"))
-        set_read_timeout(response, self.deps.settings.upstream.between_tokens_timeout_seconds)
-        return _Opened(response, first=first, events=events)
-
-    def _timeout(self) -> httpx.Timeout:
-        """A stream's head and first event may take ``first_token_timeout_seconds`` (then reads between events are
-        bounded more tightly); a non-streaming answer arrives only when the whole generation is done, so its wait is
-        bounded by ``total_timeout_seconds``."""
-        config = self.deps.settings.upstream
-        read = config.first_token_timeout_seconds if self.job.stream else config.total_timeout_seconds
-        return httpx.Timeout(read, connect=config.connect_timeout_seconds, pool=config.connect_timeout_seconds)
-
     # -- non-streaming ----------------------------------------------------------------------------------------
 
     async def _respond(self, send: Send) -> None:
-        opened = await self._open()
+        opened = await self._call.open()
         data = _answers.parse_object(opened.body)
         text, tool_calls = _answers.whole_answer(data)
         self.meter.observe_usage(data.get("usage"))
@@ -419,14 +215,14 @@ class Relay:
         except UpstreamError as exc:
             if self._client_gone:
                 return  # the worker closed because the gateway hung up on it: everything it sent is counted
-            if self._worker is not None:
-                self._worker.failed(f"stream failed: {exc.message}")
+            if self._call.worker is not None:
+                self._call.worker.failed(f"stream failed: {exc.message}")
             logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
             await self._fail_in_band(exc, send)
             return
         self._completing()
-        if self._worker is not None:
-            self._worker.succeeded()
+        if self._call.worker is not None:
+            self._call.worker.succeeded()
         if tool_calls:
             calls = tool_calls.as_workers_ai()
             await send(_more(_sse.frame({"response": "", "tool_calls": calls})))
@@ -438,7 +234,7 @@ class Relay:
         await send(_more(usage_frame))
         await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
 
-    async def _start_stream(self, send: Send) -> _Opened | None:
+    async def _start_stream(self, send: Send) -> Opened | None:
         """Find a worker for the stream and send the headers; ``None`` if the stream ended in-band meanwhile."""
         # The prompt is counted (for the headers and the bill) while the request goes out to a worker.
         counting = asyncio.ensure_future(self._count_prompt()) if self._prompt_tokens is None else None
@@ -460,7 +256,7 @@ class Relay:
         # failing worker is still replaced unseen, but a stream no worker starts then ends with an in-band error.
         early = self.deps.settings.upstream.stream_headers == "on_accept"
         try:
-            opened = await self._open(send_headers if early else None)
+            opened = await self._call.open(send_headers if early else None)
             if not early:
                 await send_headers()
             return opened
@@ -475,7 +271,7 @@ class Relay:
             if counting is not None and not counting.done():
                 counting.cancel()
 
-    async def _pump(self, opened: _Opened, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
+    async def _pump(self, opened: Opened, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
         """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""
         assert opened.first is not None and opened.events is not None
         rng = random.Random()
@@ -527,9 +323,7 @@ class Relay:
 
     async def _finish(self) -> None:
         self._complete = True
-        if self._response is not None:
-            await self._response.aclose()  # mid-stream this drops the connection: the worker aborts
-        self._exits.close()
+        await self._call.close()
         usage = await self._settle()
         record = UsageRecord(
             request_id=self.caller.request_id,
@@ -549,28 +343,6 @@ class Relay:
             logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
 
 
-def routing_error(exc: NoWorkerError | CapacityError, pool: str, metrics: GatewayMetrics) -> TollgateError:
-    """The client-facing error for a request no worker can take (counted by reason): 429 / 3040 when all are busy,
-    400 for an adapter no worker serves, 503 when none is up."""
-    if isinstance(exc, CapacityError):
-        reason, error = "capacity", CapacityExceededError()
-    elif isinstance(exc, UnknownAdapterError):
-        reason, error = "unknown_adapter", InvalidRequestError(f"'/lora': {exc.reason}")
-    else:
-        reason, error = "no_worker", UpstreamUnavailableError(f"No inference worker is available: {exc.reason}")
-    metrics.routing_refusals.labels(pool, reason).inc()
-    return error
-
-
-def _affinity(job: InferenceJob) -> bytes | None:
-    """The request's prefix-affinity key: its leading system message (with the tools, which the template renders
-    next to it), if any."""
-    if not job.messages or job.messages[0].get("role") != "system":
-        return None
-    system = json.dumps([job.messages[0].get("content"), job.tools], sort_keys=True, default=str)
-    return hashlib.blake2b(system.encode(), digest_size=16).digest()
-
-
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in headers.items()]
 
@@ -581,16 +353,6 @@ def _text_size(job: InferenceJob) -> int:
 
 def _more(body: bytes) -> dict[str, Any]:
     return {"type": "http.response.body", "body": body, "more_body": True}
-
-
-async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise UpstreamError(f"The inference worker's answer exceeds {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse_json_mode(text: str) -> Any:
