@@ -288,15 +288,6 @@ def _affinity(job: InferenceJob) -> bytes | None:
     return hashlib.blake2b(system.encode(), digest_size=16).digest()
 
 
-def _affinity(job: InferenceJob) -> bytes | None:
-    """The request's prefix-affinity key: its leading system message (with the tools, which the template renders
-    next to it), if any."""
-    if not job.messages or job.messages[0].get("role") != "system":
-        return None
-    system = json.dumps([job.messages[0].get("content"), job.tools], sort_keys=True, default=str)
-    return hashlib.blake2b(system.encode(), digest_size=16).digest()
-
-
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():
