@@ -3,6 +3,7 @@ unexpected becomes an :class:`~gateway.errors.UpstreamError` (502, or the final 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Final
 
@@ -33,29 +34,52 @@ def first_choice(data: dict[str, Any], *, required: bool) -> dict[str, Any] | No
     return choices[0]
 
 
-def stream_delta(chunk: dict[str, Any]) -> tuple[str, list[Any]]:
-    """The text and tool-call fragments of one streamed chunk (chat ``delta`` or completions ``text``)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delta:
+    """What one streamed chunk adds: text, tool-call fragments, and the finish reason on the last one."""
+
+    text: str = ""
+    fragments: tuple[dict[str, Any], ...] = ()
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WholeAnswer:
+    """A non-streaming answer: its text, its tool calls in OpenAI shape, and why it ended."""
+
+    text: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+
+
+def stream_delta(chunk: dict[str, Any]) -> Delta:
+    """The text, tool-call fragments and finish reason of one streamed chunk (chat ``delta`` or completions
+    ``text``)."""
     choice = first_choice(chunk, required=False)
     if choice is None:
-        return "", []
+        return Delta()
+    finish_reason = _finish_reason(choice)
     if "delta" in choice:
         delta = _as_dict(choice["delta"])
-        return _as_text(delta.get("content")), _as_list(delta.get("tool_calls"))
-    return _as_text(choice.get("text")), []
+        fragments = tuple(_fragment(fragment) for fragment in _as_list(delta.get("tool_calls")))
+        return Delta(_as_text(delta.get("content")), fragments, finish_reason)
+    return Delta(_as_text(choice.get("text")), (), finish_reason)
 
 
-def whole_answer(data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """The text and Workers-AI-shaped tool calls of a non-streaming answer."""
+def whole_answer(data: dict[str, Any]) -> WholeAnswer:
+    """The text, OpenAI-shaped tool calls and finish reason of a non-streaming answer."""
     choice = first_choice(data, required=True)
     assert choice is not None
+    finish_reason = _finish_reason(choice) or "stop"
     if "message" not in choice:
-        return _as_text(choice.get("text")), []
+        return WholeAnswer(_as_text(choice.get("text")), [], finish_reason)
     message = _as_dict(choice["message"])
     calls = []
     for call in _as_list(message.get("tool_calls")):
-        function = _as_dict(_as_dict(call).get("function"))
-        calls.append({"function": {"name": _as_text(function.get("name")), "arguments": function.get("arguments")}})
-    return _as_text(message.get("content")), workers_ai_tool_calls(calls)
+        call = _as_dict(call)
+        function = _as_dict(call.get("function"))
+        calls.append(_openai_call(_as_text(call.get("id")), _as_text(function.get("name")), function.get("arguments")))
+    return WholeAnswer(_as_text(message.get("content")), calls, finish_reason)
 
 
 def error_text(data: dict[str, Any]) -> str:
@@ -71,28 +95,55 @@ class ToolCallBuffer:
     def __init__(self) -> None:
         self._calls: dict[int, dict[str, str]] = {}
 
-    def add(self, fragments: list[Any]) -> None:
+    def add(self, fragments: tuple[dict[str, Any], ...]) -> None:
         for fragment in fragments:
-            fragment = _as_dict(fragment)
-            index = fragment.get("index", 0)
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 128:
-                raise UpstreamError(MALFORMED)
-            call = self._calls.setdefault(index, {"name": "", "arguments": ""})
-            function = _as_dict(fragment.get("function"))
-            call["name"] += _as_text(function.get("name"))
-            call["arguments"] += _as_text(function.get("arguments"))
+            call = self._calls.setdefault(fragment["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] = call["id"] or fragment.get("id", "")
+            function = fragment.get("function", {})
+            call["name"] += function.get("name", "")
+            call["arguments"] += function.get("arguments", "")
 
     def __bool__(self) -> bool:
         return bool(self._calls)
 
-    def as_workers_ai(self) -> list[dict[str, Any]]:
+    def as_openai(self) -> list[dict[str, Any]]:
         ordered = [self._calls[index] for index in sorted(self._calls)]
-        return workers_ai_tool_calls([{"function": call} for call in ordered])
+        return [_openai_call(call["id"], call["name"], call["arguments"]) for call in ordered]
 
 
-def tool_calls_text(calls: list[dict[str, Any]]) -> str:
+def tool_calls_text(openai_calls: list[dict[str, Any]]) -> str:
     """Tool calls as the text the model generated, for counting when the worker reports no usage."""
+    calls = workers_ai_tool_calls(openai_calls)
     return "".join(json.dumps({"name": call["name"], "parameters": call["arguments"]}) for call in calls)
+
+
+def _openai_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
+    if not isinstance(arguments, str):  # an object where OpenAI has a JSON string
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _fragment(fragment: Any) -> dict[str, Any]:
+    """A streamed tool-call fragment, checked, with only the keys OpenAI defines."""
+    fragment = _as_dict(fragment)
+    index = fragment.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 128:
+        raise UpstreamError(MALFORMED)
+    checked: dict[str, Any] = {"index": index}
+    if fragment.get("id") is not None:
+        checked["id"] = _as_text(fragment["id"])
+        checked["type"] = "function"
+    function = _as_dict(fragment.get("function"))
+    if function:
+        checked["function"] = {
+            key: _as_text(function[key]) for key in ("name", "arguments") if function.get(key) is not None
+        }
+    return checked
+
+
+def _finish_reason(choice: dict[str, Any]) -> str | None:
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason else None
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

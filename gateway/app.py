@@ -16,8 +16,17 @@ from starlette.routing import Route
 from config import Settings, load_pools, load_settings
 from gateway import admin
 from gateway.deps import Dependencies, build_dependencies
-from gateway.endpoints import health, metrics, ready, run_model
-from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, render_error
+from gateway.endpoints import (
+    chat_completions,
+    completions,
+    get_model,
+    health,
+    list_models,
+    metrics,
+    ready,
+    run_model,
+)
+from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, is_openai_path, render_error
 from gateway.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 
 logger = logging.getLogger(__name__)
@@ -47,6 +56,8 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
     routes = []
     for prefix in ("/client/v4", ""):  # the SDK appends /accounts/... to whatever base_url it is given
         routes.append(Route(prefix + "/accounts/{account_id}/ai/run/{model:path}", run_model, methods=["POST"]))
+        routes += _openai_routes(prefix + "/accounts/{account_id}/ai/v1")
+    routes += _openai_routes("/v1")  # for clients that only set a base URL: the account is the key's
     routes += admin.routes()
     routes.append(Route("/healthz", health, methods=["GET"]))
     routes.append(Route("/readyz", ready, methods=["GET"]))
@@ -68,6 +79,15 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
     return app
 
 
+def _openai_routes(base: str) -> list[Route]:
+    return [
+        Route(base + "/chat/completions", chat_completions, methods=["POST"]),
+        Route(base + "/completions", completions, methods=["POST"]),
+        Route(base + "/models", list_models, methods=["GET"]),
+        Route(base + "/models/{model:path}", get_model, methods=["GET"]),
+    ]
+
+
 def create_app_from_environment() -> Starlette:
     """The factory ``tollgate serve`` hands uvicorn: settings from ``TOLLGATE_CONFIG`` and ``TOLLGATE_*``; the pools
     are re-read from there while running."""
@@ -77,16 +97,17 @@ def create_app_from_environment() -> Starlette:
 
 async def _handle_tollgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollgateError)
-    return render_error(exc)
+    return render_error(exc, openai=is_openai_path(request.url.path))
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    openai = is_openai_path(request.url.path)
     if exc.status_code == 405:
-        return render_error(MethodNotAllowedError())
-    return render_error(RouteNotFoundError(request.url.path))  # routing raises only 404 and 405
+        return render_error(MethodNotAllowedError(), openai=openai)
+    return render_error(RouteNotFoundError(request.url.path), openai=openai)  # routing raises only 404 and 405
 
 
 async def _handle_unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return render_error(TollgateError())
+    return render_error(TollgateError(), openai=is_openai_path(request.url.path))

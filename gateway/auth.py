@@ -46,14 +46,14 @@ class Authenticator:
         self._admin_token_hash = hash_key(admin_token) if admin_token else ""
         self._cache: dict[str, tuple[float, ApiKey]] = {}
 
-    async def authenticate(self, headers: Mapping[str, str], account_id: str, path: str, scope: str) -> ApiKey:
-        """The key presented in ``headers``; it must belong to ``account_id`` (the path's account) and hold
-        ``scope``."""
+    async def authenticate(self, headers: Mapping[str, str], account_id: str | None, path: str, scope: str) -> ApiKey:
+        """The key presented in ``headers``; it must belong to ``account_id`` (the path's account; ``None`` on routes
+        without one, where the account is the key's) and hold ``scope``."""
         secret = _bearer_token(headers)
         if self._is_admin_token(secret):
             raise ForbiddenError("Authentication error: the admin token works on /admin/v1/* only; use an API key")
         key = await self._lookup(secret)
-        if key.tenant != account_id:
+        if account_id is not None and key.tenant != account_id:
             # A key that works elsewhere must not reveal that this account exists: answer like a bad route.
             raise RouteNotFoundError(path)
         if scope not in key.scopes:

@@ -36,6 +36,7 @@ from gateway.auth import Authenticator
 from gateway.health import PoolMonitor
 from gateway.lifecycle import Drain, PoolReloader
 from gateway.observe import GatewayMetrics, PoolCollector, SpoolCollector
+from gateway.openai_compat import OpenAiSchemas
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
 
@@ -77,6 +78,7 @@ class Dependencies:
     counters: Mapping[str, PromptCounter]  # per model: its workers' chat template + the tokenizer
     metrics: GatewayMetrics
     schemas: Mapping[str, InputSchema]
+    openai_schemas: OpenAiSchemas  # the OpenAI-compatible routes' request schemas
     forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
     pools: Mapping[str, WorkerPool]
     monitor: PoolMonitor  # health, catalog and load of every worker, in the background
@@ -192,6 +194,7 @@ def build_dependencies(
         counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
         metrics=GatewayMetrics(registry),
         schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
+        openai_schemas=OpenAiSchemas.load(),
         forbidden_text=(
             special_token_pattern(tokenizer.special_tokens) if settings.validation.special_tokens == "reject" else None
         ),

@@ -149,6 +149,14 @@ Streamed:
     -H "Content-Type: application/json" \\
     -d '{{"messages": [{{"role": "user", "content": "Hello"}}], "stream": true, "max_tokens": 32}}'
 
+OpenAI-compatible (any OpenAI SDK: base_url={base}/v1, api_key=the key above):
+
+  curl -sS {base}/v1/chat/completions \\
+    -H "Authorization: Bearer {issued.secret_key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "@cf/meta/llama-3.1-8b-instruct", "max_tokens": 32,
+         "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
 Usage and spend (this key's account, by hour):
 
   curl -sS {base}/client/v4/accounts/{account}/ai/usage -H "Authorization: Bearer {issued.secret_key}"

@@ -6,6 +6,7 @@ Each class carries its HTTP status and Workers AI error code as class attributes
     ├── InvalidRequestError             400  5006  body fails the model's input schema (names the field)
     │   ├── MissingBodyError            400  3003  no body at all
     │   └── UnknownModelError           400  5007  no such model
+    ├── ModelNotFoundError              404  5007  no such model, on the OpenAI routes (as OpenAI answers)
     ├── PayloadTooLargeError            413  3006  body over server.max_body_bytes
     ├── ContextLengthError              413  5021  prompt_tokens + max_tokens over the model's context window
     ├── AuthenticationError             401 10000  missing, malformed, wrong, expired or revoked key
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from starlette.responses import Response
 
@@ -79,6 +80,14 @@ class UnknownModelError(TollgateError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"No such model `{model}` or task")
+
+
+class ModelNotFoundError(TollgateError):
+    status_code = 404
+    code = 5007
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist; GET /v1/models lists the models served")
 
 
 class PayloadTooLargeError(TollgateError):
@@ -219,6 +228,29 @@ def error_body(code: int, message: str) -> dict[str, object]:
     return {"result": None, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
 
 
+def openai_error_body(exc: TollgateError) -> dict[str, object]:
+    """The OpenAI error shape, used on the OpenAI-compatible routes: ``code`` is the Tollgate code of the Workers AI
+    envelope, as a string (OpenAI's ``code`` is a string); ``type`` follows OpenAI's names for the status."""
+    fallback = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    kind = _OPENAI_ERROR_TYPES.get(exc.status_code, fallback)
+    if isinstance(exc, BudgetExceededError):
+        kind = "insufficient_quota"
+    return {"error": {"message": exc.message, "type": kind, "param": None, "code": str(exc.code)}}
+
+
+_OPENAI_ERROR_TYPES: Final = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is one of the OpenAI-compatible routes, whose errors take OpenAI's shape."""
+    return path.startswith("/v1/") or "/ai/v1/" in path
+
+
 def render_result(result: object, status: int = 200) -> Response:
     """A successful answer in the Workers AI envelope."""
     payload = {"result": result, "success": True, "errors": [], "messages": []}
@@ -226,8 +258,10 @@ def render_result(result: object, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def render_error(exc: TollgateError, headers: dict[str, str] | None = None) -> Response:
-    """Render ``exc`` as a Workers AI error response: the only code that knows the envelope's HTTP shape."""
-    body = json.dumps(error_body(exc.code, exc.message), ensure_ascii=False, separators=(",", ":"))
+def render_error(exc: TollgateError, headers: dict[str, str] | None = None, *, openai: bool = False) -> Response:
+    """Render ``exc`` as an error response: the Workers AI envelope, or with ``openai`` OpenAI's error shape. The
+    only code that knows the error responses' HTTP shape."""
+    payload = openai_error_body(exc) if openai else error_body(exc.code, exc.message)
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     headers = {**usage_headers(Usage(), 0), **exc.headers, **exc.extra_headers, **(headers or {})}
     return Response(body, status_code=exc.status_code, headers=headers, media_type="application/json")

@@ -6,7 +6,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import InvalidRequestError, PayloadTooLargeError, TollgateError, render_error
+from gateway.errors import InvalidRequestError, PayloadTooLargeError, TollgateError, is_openai_path, render_error
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -48,14 +48,15 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        openai = is_openai_path(scope["path"])
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
                     error: TollgateError = InvalidRequestError("the content-length header is not a number")
-                    await render_error(error)(scope, receive, send)
+                    await render_error(error, openai=openai)(scope, receive, send)
                     return
                 if int(value) > self.max_body_bytes:
-                    await render_error(PayloadTooLargeError())(scope, receive, send)
+                    await render_error(PayloadTooLargeError(), openai=openai)(scope, receive, send)
                     return
         received = 0
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
-import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -42,14 +40,14 @@ from gateway.admit import Admission, count_prompt_async
 from gateway.errors import (
     CapacityExceededError,
     InvalidRequestError,
-    JsonModeError,
     ShuttingDownError,
     TollgateError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from gateway.meter import Meter, usage_headers, usage_with_cost
+from gateway.meter import Meter, usage_headers
+from gateway.shapes import AnswerShape, WorkersAiShape
 from gateway.upstream import Opened, WorkerCall, map_upstream_errors
 from gateway.validate import InferenceJob
 
@@ -83,8 +81,11 @@ class Caller:
 class Relay:
     """Serves one admitted request as an ASGI app, from the worker call to the bill."""
 
-    def __init__(self, admission: Admission, caller: Caller, deps: Dependencies) -> None:
+    def __init__(
+        self, admission: Admission, caller: Caller, deps: Dependencies, shape: AnswerShape | None = None
+    ) -> None:
         self.job = job = admission.job
+        self.shape = shape or WorkersAiShape(job)
         self._prompt_tokens = admission.prompt_tokens
         self.caller = caller
         self.deps = deps
@@ -97,6 +98,7 @@ class Relay:
         self._cut_error: TollgateError | None = None
         self._cancel = anyio.CancelScope()
         self._usage: Usage | None = None
+        self._finish_reason = "stop"
         self._call = WorkerCall(job, caller.request_id, deps, lambda: self._client_gone)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -155,11 +157,10 @@ class Relay:
         self._cancel.deadline = math.inf
 
     async def _fail_in_band(self, error: TollgateError, send: Send) -> None:
-        """End a stream whose headers went out with a final error event (Workers AI's shape) and ``[DONE]``."""
+        """End a stream whose headers went out with a final error event (in the route's shape) and ``[DONE]``."""
         self.status = "shutdown" if isinstance(error, ShuttingDownError) else _status_of(error)
         self._completing()
-        await send(_more(_sse.error_frame(error.code, error.message)))
-        await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+        await send({"type": "http.response.body", "body": self.shape.error(error)})
 
     async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -180,17 +181,15 @@ class Relay:
     async def _respond(self, send: Send) -> None:
         opened = await self._call.open()
         data = _answers.parse_object(opened.body)
-        text, tool_calls = _answers.whole_answer(data)
+        answer = _answers.whole_answer(data)
         self.meter.observe_usage(data.get("usage"))
-        answer: Any = _parse_json_mode(text) if self.job.is_json_mode else text
+        prepared = self.shape.prepare(answer)  # JSON mode on the native route: refused here, before the bill
         self._completing()
-        self.meter.delivered(text + _answers.tool_calls_text(tool_calls))
+        self.meter.delivered(answer.text + _answers.tool_calls_text(answer.tool_calls))
         self.meter.answered = True
         usage = await self._settle()
         cost = self._cost(usage)
-        result = {"response": answer, "tool_calls": tool_calls, "usage": usage_with_cost(usage, cost)}
-        payload = {"result": result, "success": True, "errors": [], "messages": []}
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        body = self.shape.whole(prepared, usage, cost)
         headers = [
             *_JSON_HEADERS,
             (b"content-length", str(len(body)).encode()),
@@ -223,16 +222,12 @@ class Relay:
         self._completing()
         if self._call.worker is not None:
             self._call.worker.succeeded()
-        if tool_calls:
-            calls = tool_calls.as_workers_ai()
-            await send(_more(_sse.frame({"response": "", "tool_calls": calls})))
-            self.meter.delivered(_answers.tool_calls_text(calls))
-        else:
-            self.meter.delivered()  # the final usage report covers only what was delivered
+        calls = tool_calls.as_openai()
+        # The final usage report covers only what was delivered; tool calls count as the text the model wrote.
+        self.meter.delivered(_answers.tool_calls_text(calls) if calls else "")
         usage = await self._settle()
-        usage_frame = _sse.frame({"response": "", "usage": usage_with_cost(usage, self._cost(usage))})
-        await send(_more(usage_frame))
-        await send({"type": "http.response.body", "body": _sse.DONE_FRAME})
+        ending = self.shape.end(calls, self._finish_reason, usage, self._cost(usage))
+        await send({"type": "http.response.body", "body": ending})
 
     async def _start_stream(self, send: Send) -> Opened | None:
         """Find a worker for the stream and send the headers; ``None`` if the stream ended in-band meanwhile."""
@@ -274,8 +269,6 @@ class Relay:
     async def _pump(self, opened: Opened, send: Send, tool_calls: _answers.ToolCallBuffer) -> bool:
         """Relay content events until ``[DONE]`` (``True``) or the end of the worker's stream (``False``)."""
         assert opened.first is not None and opened.events is not None
-        rng = random.Random()
-        with_tool_calls = self.job.form == "messages"
         event: ServerSentEvent | None = opened.first
         while event is not None:
             if event.data == "[DONE]":
@@ -284,14 +277,18 @@ class Relay:
             if "error" in chunk:
                 raise UpstreamError(f"The inference worker failed: {_answers.error_text(chunk)}")
             self.meter.observe_usage(chunk.get("usage"))
-            text, fragments = _answers.stream_delta(chunk)
-            tool_calls.add(fragments)
-            if text:
-                await send(_more(_sse.content_frame(text, with_tool_calls=with_tool_calls, rng=rng)))
+            delta = _answers.stream_delta(chunk)
+            tool_calls.add(delta.fragments)
+            self._finish_reason = delta.finish_reason or self._finish_reason
+            frames = self.shape.content(delta.text) if delta.text else b""
+            if delta.fragments:
+                frames += self.shape.tool_fragments(delta.fragments)
+            if frames:
+                await send(_more(frames))
             # A chunk without text (half a character, a tool-call fragment) has nothing to wait for: its tokens
             # count now, as the worker generated them before any cut that may follow. Once the client is gone,
             # sending does nothing and every chunk still arriving counts.
-            self.meter.delivered(text)
+            self.meter.delivered(delta.text)
             event = await anext(opened.events, None)
         return False
 
@@ -353,13 +350,6 @@ def _text_size(job: InferenceJob) -> int:
 
 def _more(body: bytes) -> dict[str, Any]:
     return {"type": "http.response.body", "body": body, "more_body": True}
-
-
-def _parse_json_mode(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise JsonModeError() from None
 
 
 def _status_of(exc: TollgateError) -> str:

@@ -19,6 +19,7 @@ presence_penalty
 response_format        ``json_object`` as is; ``json_schema`` holding the schema itself is wrapped as
                        ``{"name": "response", "schema": <schema>}`` (an OpenAI-shaped one passes unchanged)
 tools                  flat tools converted to ``{"type": "function", "function": {...}}``; an empty list dropped
+tool_choice, stop      (OpenAI routes only) as given; ``tool_choice`` only with tools
 lora                   ``model: <adapter>``; otherwise ``model: <served name>``
 stream                 as is, with ``stream_options: {include_usage, continuous_usage_stats}`` so that every
                        chunk carries the running usage and a cut stream can still be metered
@@ -86,11 +87,15 @@ def to_vllm_request(job: InferenceJob, served_name: str) -> tuple[str, dict[str,
         tools = upstream_tools(job)
         if tools:
             body["tools"] = tools
+            if job.tool_choice is not None:
+                body["tool_choice"] = job.tool_choice
     body["max_tokens"] = job.max_tokens
     body["temperature"] = min(float(job.temperature), VLLM_MAX_TEMPERATURE)
     _map_sampling(job.sampling, body)
     if job.response_format is not None:
         body["response_format"] = _map_response_format(job.response_format)
+    if job.stop:
+        body["stop"] = list(job.stop)
     if job.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}

@@ -45,6 +45,8 @@ class InferenceJob:
     lora: str | None = None
     sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # top_p, top_k, seed, penalties
     reject_if_busy: bool = False
+    stop: tuple[str, ...] = ()  # OpenAI routes: strings that end the answer (not part of it)
+    tool_choice: str | Mapping[str, Any] | None = None  # OpenAI routes: "none", "auto", "required" or a named tool
 
     @property
     def is_json_mode(self) -> bool:
@@ -55,24 +57,36 @@ _SAMPLING_FIELDS: Final = ("top_p", "top_k", "seed", "repetition_penalty", "freq
 _INTEGER_FIELDS: Final = ("max_tokens", "top_k", "seed")
 
 
+class JsonSchema:
+    """One compiled JSON Schema whose failures are 400s naming the offending field."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        self._validate: Callable[[Any], Any] = fastjsonschema.compile(dict(schema))
+
+    @classmethod
+    def from_file(cls, path: Path) -> JsonSchema:
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    def check(self, body: Any) -> None:
+        try:
+            self._validate(body)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise InvalidRequestError(_describe(exc)) from None
+
+
 class InputSchema:
     """The compiled input schema of one model: one validator per input form."""
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         forms = {form.get("title", "").lower(): form for form in schema["oneOf"]}
-        self._forms: dict[str, Callable[[Any], Any]] = {
-            name: fastjsonschema.compile({**form, "type": "object"}) for name, form in forms.items()
-        }
+        self._forms = {name: JsonSchema({**form, "type": "object"}) for name, form in forms.items()}
 
     @classmethod
     def from_file(cls, path: Path) -> InputSchema:
         return cls(json.loads(path.read_text(encoding="utf-8")))
 
     def check(self, body: Mapping[str, Any], form: str) -> None:
-        try:
-            self._forms[form](body)
-        except fastjsonschema.JsonSchemaValueException as exc:
-            raise InvalidRequestError(_describe(exc)) from None
+        self._forms[form].check(body)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -177,16 +191,16 @@ def special_token_pattern(special_tokens: frozenset[str]) -> re.Pattern[str]:
 def _check_forbidden_text(body: Mapping[str, Any], form: str, pattern: re.Pattern[str]) -> None:
     if form == "prompt":
         if not body.get("raw") and pattern.search(body["prompt"]):
-            raise InvalidRequestError(_special_token_message("/prompt"))
+            raise InvalidRequestError(special_token_message("/prompt"))
         return
     for index, message in enumerate(body["messages"]):
         if pattern.search(message["content"]):
-            raise InvalidRequestError(_special_token_message(f"/messages/{index}/content"))
+            raise InvalidRequestError(special_token_message(f"/messages/{index}/content"))
     if body.get("tools") and pattern.search(json.dumps(body["tools"], ensure_ascii=False)):
-        raise InvalidRequestError(_special_token_message("/tools"))
+        raise InvalidRequestError(special_token_message("/tools"))
 
 
-def _special_token_message(pointer: str) -> str:
+def special_token_message(pointer: str) -> str:
     return f"'{pointer}' contains special-token text such as '<|eot_id|>', which is not allowed in chat content"
 
 

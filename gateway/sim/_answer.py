@@ -58,6 +58,7 @@ class AnswerRequest:
     tool: Mapping[str, Any] | None = None
     json_schema: Mapping[str, Any] | None = None
     json_mode: bool = False
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one generated
 
 
 class AnswerWriter:
@@ -82,9 +83,8 @@ class AnswerWriter:
         else:
             stops = target <= request.max_tokens
             ids = self._window(offset, target - 1 if stops else request.max_tokens)
-        if not stops:
-            return self._text_answer(ids[: request.max_tokens], finish_reason="length")
-        return self._text_answer(ids, finish_reason="stop")
+        answer = self._text_answer(ids[: request.max_tokens], finish_reason="stop" if stops else "length")
+        return _cut_at_stop(answer, request.stop) if request.stop else answer
 
     def _window(self, offset: int, count: int) -> list[int]:
         size = len(self._corpus_ids)
@@ -157,6 +157,26 @@ class AnswerWriter:
         else:
             pieces.append(Piece(tokens=pending + 1))
         return tuple(pieces)
+
+
+def _cut_at_stop(answer: Answer, stop: tuple[str, ...]) -> Answer:
+    """``answer`` as vLLM ends it at a stop string: the text before it is shown, the tokens up to the one that
+    completes it are counted (no end-of-turn token follows), and ``finish_reason`` is ``stop``."""
+    text = answer.text or ""
+    found = [(text.find(string), string) for string in stop if string in text]
+    if not found:
+        return answer
+    start, string = min(found)
+    end = start + len(string)
+    pieces, shown = [], 0
+    for piece in answer.pieces:
+        content = piece.content or ""
+        keep = content[: max(0, start - shown)]
+        shown += len(content)
+        pieces.append(Piece(tokens=1, content=keep))
+        if shown >= end:
+            break
+    return Answer(pieces=tuple(pieces), finish_reason="stop", text=text[:start])
 
 
 def fill_object(schema: Any, rng: random.Random) -> dict[str, Any]:

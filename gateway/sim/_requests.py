@@ -72,6 +72,7 @@ def parse_chat(body: Mapping[str, Any], config: SimConfig, counter: PromptCounte
         max_tokens=max_tokens,
         completion_tokens=config.completion_tokens,
         tool=_tool_to_call(body, tools, messages),
+        stop=_stop(body),
         **_json_format(body.get("response_format")),
     )
     return Job("chat", model, stream, include_usage, continuous_usage, prompt_tokens, answer)
@@ -90,7 +91,7 @@ def parse_completion(body: Mapping[str, Any], config: SimConfig, counter: Prompt
     prompt_tokens = counter.count_raw(prompt, add_special_tokens=add_special_tokens)
     requested = body.get("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS)
     max_tokens = _with_prompt_tokens(_completion_max_tokens, requested, prompt_tokens, config.max_model_len)
-    answer = AnswerRequest(max_tokens=max_tokens, completion_tokens=config.completion_tokens)
+    answer = AnswerRequest(max_tokens=max_tokens, completion_tokens=config.completion_tokens, stop=_stop(body))
     return Job("completions", model, stream, include_usage, continuous_usage, prompt_tokens, answer)
 
 
@@ -176,6 +177,17 @@ def _tool_to_call(
             if tool["function"].get("name") == choice["function"].get("name"):
                 return tool
     return tools[0]
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        return tuple(stop)
+    if stop is not None:
+        raise RequestError(400, "'stop' must be a string or a list of strings", "Bad Request")
+    return ()
 
 
 def _json_format(response_format: Any) -> dict[str, Any]:
