@@ -2,7 +2,8 @@
 
 Usage::
 
-    .venv/bin/python -m bench.run [--concurrency 1,16,64] [--duration 10] [--warmup 2] [--output FILE]
+    .venv/bin/python -m bench.run [--concurrency 1,16,64] [--duration 10] [--warmup 2] [--route native|openai]
+                                  [--output FILE]
 
 stdout gets one JSON line per (concurrency, target) and one summary line per concurrency; progress, CPU use and
 error details go to stderr. See ``bench/README.md`` for what each field means.
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="make the prompt this many tokens long, chat template included (default: a short ~20-token prompt)",
     )
+    parser.add_argument(
+        "--route",
+        choices=("native", "openai"),
+        default="native",
+        help="Tollgate's route: native Workers AI (/ai/run) or OpenAI chat (/ai/v1/chat/completions); default: native",
+    )
     parser.add_argument("--output", help="also append the JSON lines to this file")
     parser.add_argument("--log", help="file for the children's output (default: a file in the temp directory)")
     return parser
@@ -90,7 +97,7 @@ async def _bench(stack: Stack, args: argparse.Namespace, output: TextIO | None) 
     prompt = build_prompt(args.prompt_tokens)
     if args.prompt_tokens:
         say(f"prompt: {args.prompt_tokens} tokens ({len(prompt)} characters)")
-    targets = _targets(stack, prompt)
+    targets = _targets(stack, prompt, args.route)
     cpu = _CpuWatch({"gateway": stack.gateway_pid, "worker": stack.worker_pid})
     for concurrency in args.concurrency:
         lines: dict[str, dict[str, Any]] = {}
@@ -125,7 +132,7 @@ def build_prompt(prompt_tokens: int) -> str:
     return text
 
 
-def _targets(stack: Stack, prompt: str) -> dict[str, Target]:
+def _targets(stack: Stack, prompt: str, route: str) -> dict[str, Target]:
     messages = [{"role": "user", "content": prompt}]
     direct_body = {
         "model": SERVED_MODEL_NAME,
@@ -134,18 +141,30 @@ def _targets(stack: Stack, prompt: str) -> dict[str, Target]:
         "max_tokens": COMPLETION_TOKENS,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
-    tollgate_body = {"messages": messages, "stream": True, "max_tokens": COMPLETION_TOKENS}
     json_headers = {"content-type": "application/json", "accept": "text/event-stream"}
+    account = f"{stack.gateway_url}/client/v4/accounts/{stack.tenant}/ai"
+    if route == "openai":  # the same stream as the direct call, ending with its usage chunk
+        tollgate_body: dict[str, Any] = {
+            "model": WORKERS_AI_MODEL,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": COMPLETION_TOKENS,
+            "stream_options": {"include_usage": True},
+        }
+        tollgate_url, is_content = f"{account}/v1/chat/completions", is_openai_content
+    else:
+        tollgate_body = {"messages": messages, "stream": True, "max_tokens": COMPLETION_TOKENS}
+        tollgate_url, is_content = f"{account}/run/{WORKERS_AI_MODEL}", is_workers_ai_content
     return {
         "direct": Target(
             "direct", stack.worker_url + "/v1/chat/completions", json_headers, _encode(direct_body), is_openai_content
         ),
         "tollgate": Target(
             "tollgate",
-            f"{stack.gateway_url}/client/v4/accounts/{stack.tenant}/ai/run/{WORKERS_AI_MODEL}",
+            tollgate_url,
             {**json_headers, "authorization": f"Bearer {stack.secret_key}"},
             _encode(tollgate_body),
-            is_workers_ai_content,
+            is_content,
         ),
     }
 

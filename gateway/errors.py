@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import ClassVar, Final
 
 from starlette.responses import Response
@@ -235,9 +236,11 @@ def openai_error_body(exc: TollgateError) -> dict[str, object]:
     kind = _OPENAI_ERROR_TYPES.get(exc.status_code, fallback)
     if isinstance(exc, BudgetExceededError):
         kind = "insufficient_quota"
-    return {"error": {"message": exc.message, "type": kind, "param": None, "code": str(exc.code)}}
+    param = _FIELD.search(exc.message) if isinstance(exc, InvalidRequestError) else None
+    return {"error": {"message": exc.message, "type": kind, "param": param and param.group(1), "code": str(exc.code)}}
 
 
+_FIELD: Final = re.compile(r"'/([A-Za-z_]+)")  # the top-level field a 400's message names first
 _OPENAI_ERROR_TYPES: Final = {
     401: "authentication_error",
     403: "permission_error",
@@ -247,8 +250,11 @@ _OPENAI_ERROR_TYPES: Final = {
 
 
 def is_openai_path(path: str) -> bool:
-    """Whether ``path`` is one of the OpenAI-compatible routes, whose errors take OpenAI's shape."""
-    return path.startswith("/v1/") or "/ai/v1/" in path
+    """Whether ``path`` is (or is under) one of the OpenAI-compatible bases, whose errors take OpenAI's shape."""
+    return _OPENAI_PATH.match(path) is not None
+
+
+_OPENAI_PATH: Final = re.compile(r"(?:(?:/client/v4)?/accounts/[^/]+/ai)?/v1(?:/|$)")
 
 
 def render_result(result: object, status: int = 200) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -234,6 +235,17 @@ async def wait_for(predicate: Any, timeout_seconds: float = 3.0) -> None:
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+def sse_events(text: str) -> list[Any]:
+    """The data of every event of a server-sent-events body (Workers AI or OpenAI); ``[DONE]`` stays a string."""
+    events = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
 
 
 def content_tokens(served: Mapping[str, Any]) -> int:

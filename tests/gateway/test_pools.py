@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.conftest import (
     gateway_for,
     live_server,
     sim_worker,
+    sse_events,
     wait_for,
 )
 
@@ -39,11 +39,6 @@ FAST = {"tokens_per_second": 0, "time_to_first_token_seconds": 0, "completion_to
 ROUTING = {"TOLLGATE_ROUTING__EJECT_SECONDS": "0.3", "TOLLGATE_ROUTING__MAX_EJECT_SECONDS": "0.6"}
 # For tests that count on an ejected worker staying out, however slow the machine.
 STAY_OUT = {"TOLLGATE_ROUTING__EJECT_SECONDS": "60", "TOLLGATE_ROUTING__MAX_EJECT_SECONDS": "60"}
-
-
-def sse_events(text: str) -> list[Any]:
-    blocks = [block[len("data: ") :] for block in text.split("\n\n") if block.strip()]
-    return [data if data == "[DONE]" else json.loads(data) for data in blocks]
 
 
 @contextlib.asynccontextmanager

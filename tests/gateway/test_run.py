@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 import httpx
 import pytest
@@ -20,21 +18,11 @@ from tests.conftest import (
     content_tokens,
     gateway_for,
     sim_worker,
+    sse_events,
     wait_for,
 )
 
 USER = [{"role": "user", "content": "Hello"}]
-
-
-def sse_events(text: str) -> list[Any]:
-    """The data of every event in a Workers AI stream; ``[DONE]`` stays a string."""
-    events = []
-    for block in text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            data = block[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 async def assert_billed(gateway: Gateway, request_id: str, prompt: int, completion: int, status: str = "ok") -> None:
