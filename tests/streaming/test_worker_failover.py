@@ -12,13 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -26,86 +22,12 @@ import pytest
 from redis.asyncio import Redis
 
 from billing import KeyStore, Ledger, Retention, Tokenizer
-from gateway._processes import free_port, start_redis, start_tollgate, stop, wait_for_http
-from tests.conftest import BF16_NAME
+from tests.processes import ADMIN_TOKEN, Stack, stack_in_tempdir
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 
 TENANT = "acct-failover"
 MODEL_PATH = f"/client/v4/accounts/{TENANT}/ai/run/@cf/meta/llama-3.1-8b-instruct"
-ADMIN_TOKEN = "failover-admin-token-" + "x" * 20
-FAST_CHECKS = {
-    "TOLLGATE_ROUTING__HEALTH_INTERVAL_SECONDS": "0.2",
-    "TOLLGATE_ROUTING__METRICS_INTERVAL_SECONDS": "0.2",
-    "TOLLGATE_ROUTING__EJECT_SECONDS": "0.5",
-    "TOLLGATE_ROUTING__MAX_EJECT_SECONDS": "1",
-    "TOLLGATE_ADMIN__TOKEN": ADMIN_TOKEN,
-}
-
-
-class Stack:
-    """Redis, simulated workers and one gateway, each a process on a free port; workers can be killed and revived."""
-
-    def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
-        self.log = open(os.path.join(workdir, "processes.log"), "ab")  # noqa: SIM115 - closed in close()
-        redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self.redis = start_redis(redis_port, workdir)
-        self.workers: list[str] = []
-        self.worker_procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.worker_options: dict[str, tuple[str, ...]] = {}
-        self.gateway = ""
-        self.gateway_proc: subprocess.Popen[bytes] | None = None
-
-    def start_worker(self, *options: str, url: str | None = None) -> str:
-        url = url or f"http://127.0.0.1:{free_port()}"
-        options = options or self.worker_options[url]
-        port = url.rsplit(":", 1)[1]
-        proc = start_tollgate(["worker-sim", "--port", port, "--served-model-name", BF16_NAME, *options], log=self.log)
-        wait_for_http(url + "/health", proc)
-        if url not in self.workers:
-            self.workers.append(url)
-        self.worker_procs[url], self.worker_options[url] = proc, options
-        return url
-
-    def kill_worker(self, url: str) -> None:
-        proc = self.worker_procs[url]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-
-    def start_gateway(self, *options: str, **env: str) -> None:
-        port = free_port()
-        environment = {
-            "TOLLGATE_REDIS__URL": self.redis_url,
-            "TOLLGATE_POOLS__BF16__WORKERS": ",".join(self.workers),
-            "TOLLGATE_POOLS__FP8__WORKERS": ",".join(self.workers),
-            "TOLLGATE_LEDGER__SPOOL_DIR": os.path.join(self.workdir, "spool"),
-            **FAST_CHECKS,
-            **env,
-        }
-        self.gateway_proc = start_tollgate(["serve", "--port", str(port), *options], environment, log=self.log)
-        self.gateway = f"http://127.0.0.1:{port}"
-        wait_for_http(self.gateway + "/readyz", self.gateway_proc)
-
-    def close(self) -> None:
-        if self.gateway_proc is not None:
-            stop(self.gateway_proc)
-        for proc in self.worker_procs.values():
-            stop(proc)
-        stop(self.redis)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def stack_in_tempdir() -> Iterator[Stack]:
-    workdir = tempfile.mkdtemp(prefix="tollgate-failover-")
-    stack = Stack(workdir)
-    try:
-        yield stack
-    finally:
-        stack.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
