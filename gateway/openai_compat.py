@@ -8,7 +8,9 @@ special-token text in chat content. The conversation is then put in the form eve
 - content given as a list of text parts is joined with ``"\\n"`` (as vLLM does before its chat template), so the
   worker only ever receives strings and the gateway's prompt count is the worker's;
 - ``developer`` messages become ``system`` (vLLM v0.33 does this itself; v0.11 would render the role verbatim);
-- tools and tool calls keep only the keys the template renders (``strict`` is dropped: vLLM releases differ on it).
+- tools and tool calls keep only the keys the template renders (``strict`` is dropped: vLLM releases differ on it);
+  the keys OpenAI's SDKs echo back on an assistant message (``refusal``, ``annotations``, ``audio``,
+  ``function_call``, all empty) are accepted and dropped.
 
 The job is the native route's: the same admission, routing, relay and bill. Only the answer's shape differs
 (gateway/shapes.py).
@@ -168,7 +170,7 @@ def _message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
     if role != "assistant" and tool_calls:
         raise InvalidRequestError(f"'/messages/{index}/tool_calls' is only allowed in assistant messages")
     if content is None and (role in _CHAT_ROLES_NEEDING_CONTENT or not tool_calls):
-        raise InvalidRequestError(f"'/messages/{index}/content' is required for a {role} message without tool calls")
+        raise InvalidRequestError(f"'/messages/{index}/content' is required (a '{role}' message without tool calls)")
     normalized: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
     if "name" in message:
         normalized["name"] = message["name"]

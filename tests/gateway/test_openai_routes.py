@@ -630,3 +630,24 @@ async def test_stream_worker_failure_ends_with_an_openai_error_event(
     served = await assert_billed_as_served(gateway, worker, response, status="upstream_error")
     assert 4 <= served["completion_tokens"] <= 6  # the frame that crossed the threshold may carry a split character
     assert abs(gateway.deps.tokenizer.count(delivered) - served["completion_tokens"]) <= 1
+
+
+async def test_an_assistant_message_echoed_as_openai_returns_it_is_accepted(
+    gateway: Gateway, worker: SimWorker
+) -> None:
+    echoed = {
+        "role": "assistant",
+        "content": "Hi there.",
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "tool_calls": None,
+    }
+    plain = {"role": "assistant", "content": "Hi there."}
+    follow_up = {"role": "user", "content": "And then?"}
+    first = await chat(gateway, [*USER, echoed, follow_up])
+    second = await chat(gateway, [*USER, plain, follow_up])
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json()["usage"]["prompt_tokens"] == second.json()["usage"]["prompt_tokens"]
+    assert [record["prompt_tokens"] for record in worker.served] == [first.json()["usage"]["prompt_tokens"]] * 2
