@@ -48,6 +48,7 @@ class TollgateError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[int] = 5000
     default_message: ClassVar[str] = "Internal server error"
+    param: ClassVar[str | None] = None  # the request field at fault, for OpenAI's error shape (400s find theirs)
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
@@ -86,6 +87,7 @@ class UnknownModelError(TollgateError):
 class ModelNotFoundError(TollgateError):
     status_code = 404
     code = 5007
+    param = "model"
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist; GET /v1/models lists the models served")
@@ -100,6 +102,7 @@ class PayloadTooLargeError(TollgateError):
 class ContextLengthError(TollgateError):
     status_code = 413
     code = 5021
+    param = "max_tokens"
 
     def __init__(self, requested_tokens: int, window_tokens: int) -> None:
         super().__init__(
@@ -236,8 +239,9 @@ def openai_error_body(exc: TollgateError) -> dict[str, object]:
     kind = _OPENAI_ERROR_TYPES.get(exc.status_code, fallback)
     if isinstance(exc, BudgetExceededError):
         kind = "insufficient_quota"
-    param = _FIELD.search(exc.message) if isinstance(exc, InvalidRequestError) else None
-    return {"error": {"message": exc.message, "type": kind, "param": param and param.group(1), "code": str(exc.code)}}
+    field = _FIELD.search(exc.message) if isinstance(exc, InvalidRequestError) else None
+    param = field.group(1) if field else exc.param
+    return {"error": {"message": exc.message, "type": kind, "param": param, "code": str(exc.code)}}
 
 
 _FIELD: Final = re.compile(r"'/([A-Za-z_]+)")  # the top-level field a 400's message names first

@@ -214,9 +214,12 @@ class Relay:
         except UpstreamError as exc:
             if self._client_gone:
                 return  # the worker closed because the gateway hung up on it: everything it sent is counted
-            if self._call.worker is not None:
-                self._call.worker.failed(f"stream failed: {exc.message}")
-            logger.warning("stream %s failed mid-way: %r", self.caller.request_id, exc)
+            worker = self._call.worker
+            if worker is not None:
+                worker.failed(f"stream failed: {exc.message}")
+            cause = exc.__cause__ or exc
+            where = worker.url if worker is not None else "?"
+            logger.warning("stream %s failed mid-way at worker %s: %r", self.caller.request_id, where, cause)
             await self._fail_in_band(exc, send)
             return
         self._completing()

@@ -58,10 +58,15 @@ _INTEGER_FIELDS: Final = ("max_tokens", "top_k", "seed")
 
 
 class JsonSchema:
-    """One compiled JSON Schema whose failures are 400s naming the offending field."""
+    """One compiled JSON Schema whose failures are 400s naming the offending field.
+
+    Where a value matches none of several shapes (``oneOf``/``anyOf``), the message is that of the closest shape: the
+    one whose failure lies deepest inside the value, preferring a shape of the value's own type. So a tool whose
+    parameter lacks a ``description`` is told so, rather than that it matches no definition."""
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self._validate: Callable[[Any], Any] = fastjsonschema.compile(dict(schema))
+        self._shapes: dict[str, Callable[[Any], Any]] = {}  # the alternatives of a oneOf/anyOf, compiled when needed
 
     @classmethod
     def from_file(cls, path: Path) -> JsonSchema:
@@ -71,7 +76,44 @@ class JsonSchema:
         try:
             self._validate(body)
         except fastjsonschema.JsonSchemaValueException as exc:
-            raise InvalidRequestError(_describe(exc)) from None
+            raise InvalidRequestError(self._describe(exc)) from None
+
+    def _describe(self, exc: fastjsonschema.JsonSchemaValueException, depth: int = 0) -> str:
+        if exc.rule not in ("oneOf", "anyOf") or depth > 8:
+            return _describe(exc)
+        shapes = exc.definition[exc.rule]
+        tagged = _tagged_shapes(shapes, exc.value)
+        if tagged == []:  # an object whose "type" tag no shape has
+            tags = [tag for shape in shapes for tag in _tags(shape) or ()]
+            name = exc.name + ".type"
+            message = f"{name} must be one of " + ", ".join(json.dumps(tag) for tag in tags)
+            return _describe(fastjsonschema.JsonSchemaValueException(message, name=name))
+        failures = []
+        for shape in tagged or shapes:
+            try:
+                self._compiled(shape)(exc.value)
+            except fastjsonschema.JsonSchemaValueException as failure:
+                failures.append(failure)
+        if not failures:  # oneOf matched twice
+            return _describe(exc)
+        closest = max(failures, key=_closeness)
+        if all(failure.rule == "type" for failure in failures):  # the value has none of the types: name them all
+            types = [failure.definition["type"] for failure in failures]
+            expected = " or ".join(kind if isinstance(kind, str) else " or ".join(kind) for kind in types)
+            return _describe(fastjsonschema.JsonSchemaValueException(f"{exc.name} must be {expected}", name=exc.name))
+        # The failure is relative to the value: put it back under the value's own place in the body.
+        name = exc.name + closest.name[len("data") :]
+        detail = closest.message[len(closest.name) :] if closest.message.startswith(closest.name) else closest.message
+        located = fastjsonschema.JsonSchemaValueException(
+            name + detail, closest.value, name, closest.definition, closest.rule
+        )
+        return self._describe(located, depth + 1)
+
+    def _compiled(self, shape: Mapping[str, Any]) -> Callable[[Any], Any]:
+        key = json.dumps(shape, sort_keys=True, default=str)
+        if key not in self._shapes:
+            self._shapes[key] = fastjsonschema.compile(dict(shape))
+        return self._shapes[key]
 
 
 class InputSchema:
@@ -214,11 +256,41 @@ def _check_response_format(response_format: Any) -> None:
         raise InvalidRequestError("'/response_format/json_schema' must be an object (the JSON Schema)")
 
 
+def _tags(shape: Mapping[str, Any]) -> list[Any] | None:
+    """The values a shape allows for an object's ``type`` tag (``{"type": "json_schema", ...}``), if it names them."""
+    tag = (shape.get("properties") or {}).get("type") or {}
+    if "const" in tag:
+        return [tag["const"]]
+    return list(tag["enum"]) if "enum" in tag else None
+
+
+def _tagged_shapes(shapes: list[Mapping[str, Any]], value: Any) -> list[Mapping[str, Any]] | None:
+    """The shapes an object's ``type`` tag selects; ``None`` where tags do not decide (no tag, or untagged shapes)."""
+    if not isinstance(value, dict) or "type" not in value:
+        return None
+    tags = [_tags(shape) for shape in shapes if shape.get("type") in ("object", None)]
+    if not tags or any(allowed is None for allowed in tags):
+        return None
+    return [shape for shape in shapes if value["type"] in (_tags(shape) or ())]
+
+
+def _closeness(failure: fastjsonschema.JsonSchemaValueException) -> tuple[int, bool]:
+    """How close a shape came to a value: the depth of its failure, then whether the value had the shape's type (an
+    object or array refused by a list of allowed scalars had not)."""
+    refused_scalar = failure.rule in ("enum", "const") and isinstance(failure.value, dict | list)
+    wrong_type = failure.rule == "type" or refused_scalar
+    return failure.name.count(".") + failure.name.count("["), not wrong_type
+
+
 def _describe(exc: fastjsonschema.JsonSchemaValueException) -> str:
     """``data.messages[0].content must be string`` → ``'/messages/0/content': must be string``."""
     path = exc.name[len("data") :] if exc.name.startswith("data") else exc.name
     pointer = "/" + "/".join(part for part in re.split(r"[.\[\]]+", path) if part)
     detail = exc.message[len(exc.name) :].strip() if exc.message.startswith(exc.name) else exc.message
+    if exc.rule == "enum":  # fastjsonschema writes Python's False/None
+        detail = "must be one of " + ", ".join(json.dumps(value) for value in exc.definition["enum"])
+    elif exc.rule == "const":
+        detail = "must be " + json.dumps(exc.definition["const"])
     return f"'{pointer}': {_first_line(detail)}"
 
 

@@ -208,10 +208,10 @@ async def test_errors_raise_the_sdk_error_types(live: Gateway, worker: SimWorker
     async with client(live) as sdk:
         with pytest.raises(openai.BadRequestError) as bad:
             await sdk.chat.completions.create(model=MODEL, messages=USER, temperature=3)
-        assert bad.value.code == "5006" and "/temperature" in bad.value.message
+        assert bad.value.code == "5006" and "/temperature" in bad.value.message and bad.value.param == "temperature"
         with pytest.raises(openai.NotFoundError) as unknown:
             await sdk.chat.completions.create(model="gpt-4o", messages=USER)
-        assert unknown.value.code == "5007"
+        assert unknown.value.code == "5007" and unknown.value.param == "model"
         with pytest.raises(openai.APIStatusError) as too_long:
             await sdk.chat.completions.create(model=MODEL, messages=USER, max_tokens=7950)
         assert too_long.value.status_code == 413 and too_long.value.code == "5021"

@@ -9,6 +9,8 @@ import pytest
 from redis.asyncio import Redis
 
 from billing import Tokenizer
+from gateway.errors import InvalidRequestError
+from gateway.openai_compat import OpenAiSchemas
 from tests.conftest import FP8_MODEL, MODEL, TENANT, Gateway, SimWorker, gateway_for
 
 FLAT_TOOL = {
@@ -60,7 +62,21 @@ INVALID_BODIES: list[tuple[Any, int, int, str]] = [
     ({"messages": USER, "functions": [{"name": "f", "code": "x"}]}, 400, 5006, "'/functions'"),
     ({"messages": USER, "tools": {"name": "f"}}, 400, 5006, "'/tools'"),
     ({"messages": USER, "tools": [{"name": "f"}]}, 400, 5006, "'/tools/0"),
-    ({"messages": USER, "tools": [{**FLAT_TOOL, "parameters": {"type": "object"}}]}, 400, 5006, "'/tools/0"),
+    (
+        {"messages": USER, "tools": [{**FLAT_TOOL, "parameters": {"type": "object"}}]},
+        400,
+        5006,
+        "'/tools/0/parameters'",
+    ),
+    (
+        {
+            "messages": USER,
+            "tools": [{**FLAT_TOOL, "parameters": {"type": "object", "properties": {"c": {"type": "string"}}}}],
+        },
+        400,
+        5006,
+        "'/tools/0/parameters/properties/c': must contain ['description']",
+    ),
     ({"messages": USER, "tools": [{"type": "function"}]}, 400, 5006, "'/tools/0"),
     ({"messages": USER, "tools": [{**FLAT_TOOL, **OPENAI_TOOL}]}, 400, 5006, "'/tools/0"),
     ({"messages": USER, "options": "fast"}, 400, 5006, "'/options'"),
@@ -231,3 +247,31 @@ async def test_validate_large_bodies_are_checked_off_the_event_loop(gateway: Gat
     assert response.status_code == 200
     bad = await gateway.run({"messages": [*messages, {"role": "user", "content": 5}]}, model=FP8_MODEL)
     assert bad.status_code == 400 and f"'/messages/{len(messages)}/content'" in bad.json()["errors"][0]["message"]
+
+
+# (OpenAI chat body fields, the message's exact detail): where a value fits none of several shapes, the closest one
+# speaks; fastjsonschema's own words would be "cannot be validated by any definition".
+OPENAI_SCHEMA_MESSAGES: list[tuple[dict[str, Any], str]] = [
+    ({"stop": ["a", "b", "c", "d", "e"]}, "'/stop': must contain less than or equal to 4 items"),
+    ({"stop": 5}, "'/stop': must be null or string or array"),
+    ({"logprobs": True}, "'/logprobs': must be one of false, null"),
+    ({"messages": [{"role": "user", "content": 5}]}, "'/messages/0/content': must be null or string or array"),
+    (
+        {"response_format": {"type": "xml"}},
+        '\'/response_format/type\': must be one of "text", "json_object", "json_schema"',
+    ),
+    ({"response_format": {"type": "json_schema"}}, "'/response_format': must contain ['json_schema'] properties"),
+    (
+        {"tool_choice": {"type": "function", "function": {}}},
+        "'/tool_choice/function': must contain ['name'] properties",
+    ),
+    ({"tool_choice": "sometimes"}, '\'/tool_choice\': must be one of "none", "auto", "required"'),
+]
+
+
+@pytest.mark.parametrize(("fields", "detail"), OPENAI_SCHEMA_MESSAGES)
+def test_validate_messages_name_the_closest_shape(fields: dict[str, Any], detail: str) -> None:
+    body = {"model": MODEL, "messages": USER, **fields}
+    with pytest.raises(InvalidRequestError) as refused:
+        OpenAiSchemas.load().chat.check(body)
+    assert refused.value.message == "AiError: Bad input: " + detail
