@@ -371,7 +371,7 @@ def _single_tool_call(tool_calls: Any) -> tuple[str, Any]:
     elif not isinstance(arguments, dict | list):
         try:
             arguments = json.loads(arguments)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
             raise ChatTemplateError(f"tool call arguments are not valid JSON: {exc}") from exc
     return function["name"], arguments
 

@@ -41,6 +41,7 @@ class Delta:
     text: str = ""
     fragments: tuple[dict[str, Any], ...] = ()
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended the answer (vLLM's ``stop_reason``), if one did
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class WholeAnswer:
     text: str
     tool_calls: list[dict[str, Any]]
     finish_reason: str
+    stop_reason: str | None = None
 
 
 def stream_delta(chunk: dict[str, Any]) -> Delta:
@@ -58,28 +60,28 @@ def stream_delta(chunk: dict[str, Any]) -> Delta:
     choice = first_choice(chunk, required=False)
     if choice is None:
         return Delta()
-    finish_reason = _finish_reason(choice)
+    finish_reason, stop_reason = _finish_reason(choice), _stop_reason(choice)
     if "delta" in choice:
         delta = _as_dict(choice["delta"])
         fragments = tuple(_fragment(fragment) for fragment in _as_list(delta.get("tool_calls")))
-        return Delta(_as_text(delta.get("content")), fragments, finish_reason)
-    return Delta(_as_text(choice.get("text")), (), finish_reason)
+        return Delta(_as_text(delta.get("content")), fragments, finish_reason, stop_reason)
+    return Delta(_as_text(choice.get("text")), (), finish_reason, stop_reason)
 
 
 def whole_answer(data: dict[str, Any]) -> WholeAnswer:
     """The text, OpenAI-shaped tool calls and finish reason of a non-streaming answer."""
     choice = first_choice(data, required=True)
     assert choice is not None
-    finish_reason = _finish_reason(choice) or "stop"
+    finish_reason, stop_reason = _finish_reason(choice) or "stop", _stop_reason(choice)
     if "message" not in choice:
-        return WholeAnswer(_as_text(choice.get("text")), [], finish_reason)
+        return WholeAnswer(_as_text(choice.get("text")), [], finish_reason, stop_reason)
     message = _as_dict(choice["message"])
     calls = []
     for call in _as_list(message.get("tool_calls")):
         call = _as_dict(call)
         function = _as_dict(call.get("function"))
         calls.append(_openai_call(_as_text(call.get("id")), _as_text(function.get("name")), function.get("arguments")))
-    return WholeAnswer(_as_text(message.get("content")), calls, finish_reason)
+    return WholeAnswer(_as_text(message.get("content")), calls, finish_reason, stop_reason)
 
 
 def error_text(data: dict[str, Any]) -> str:
@@ -143,6 +145,11 @@ def _fragment(fragment: Any) -> dict[str, Any]:
 
 def _finish_reason(choice: dict[str, Any]) -> str | None:
     reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason else None
+
+
+def _stop_reason(choice: dict[str, Any]) -> str | None:
+    reason = choice.get("stop_reason")  # a stop string, a stop token id (an int), or null
     return reason if isinstance(reason, str) and reason else None
 
 

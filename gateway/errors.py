@@ -41,6 +41,8 @@ from starlette.responses import Response
 from billing import Usage
 from gateway.meter import usage_headers
 
+_LEADING_FIELD: Final = re.compile(r"'/([A-Za-z_]+)")
+
 
 class TollgateError(Exception):
     """Base of every error the gateway raises on purpose."""
@@ -48,7 +50,7 @@ class TollgateError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[int] = 5000
     default_message: ClassVar[str] = "Internal server error"
-    param: ClassVar[str | None] = None  # the request field at fault, for OpenAI's error shape (400s find theirs)
+    param: str | None = None  # the top-level request field at fault, for OpenAI's error shape
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
@@ -68,6 +70,8 @@ class InvalidRequestError(TollgateError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"AiError: Bad input: {detail}")
+        field = _LEADING_FIELD.match(detail)  # details start with the JSON pointer of the field at fault, if any
+        self.param = field.group(1) if field else None
 
 
 class MissingBodyError(TollgateError):
@@ -102,7 +106,7 @@ class PayloadTooLargeError(TollgateError):
 class ContextLengthError(TollgateError):
     status_code = 413
     code = 5021
-    param = "max_tokens"
+    param = "messages"  # as OpenAI names it for a context too long
 
     def __init__(self, requested_tokens: int, window_tokens: int) -> None:
         super().__init__(
@@ -239,12 +243,9 @@ def openai_error_body(exc: TollgateError) -> dict[str, object]:
     kind = _OPENAI_ERROR_TYPES.get(exc.status_code, fallback)
     if isinstance(exc, BudgetExceededError):
         kind = "insufficient_quota"
-    field = _FIELD.search(exc.message) if isinstance(exc, InvalidRequestError) else None
-    param = field.group(1) if field else exc.param
-    return {"error": {"message": exc.message, "type": kind, "param": param, "code": str(exc.code)}}
+    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": str(exc.code)}}
 
 
-_FIELD: Final = re.compile(r"'/([A-Za-z_]+)")  # the top-level field a 400's message names first
 _OPENAI_ERROR_TYPES: Final = {
     401: "authentication_error",
     403: "permission_error",

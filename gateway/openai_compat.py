@@ -2,15 +2,17 @@
 
 Bodies are checked against config/schemas/openai-*.json (every range, OpenAI's own where they are narrower than
 Workers AI's), then against rules a schema states badly: known top-level keys only (a typo such as ``max_token``
-is a 400, not silently ignored), text-only content parts, content where a role needs it, finite numbers, and no
-special-token text in chat content. The conversation is then put in the form every worker renders identically:
+is a 400, not silently ignored), text-only content parts, content where a role needs it, finite numbers, tool-call
+arguments that are JSON, and no special-token text anywhere the template renders (the native route's check,
+gateway/validate.py). The conversation is then put in the form every worker renders identically:
 
 - content given as a list of text parts is joined with ``"\\n"`` (as vLLM does before its chat template), so the
   worker only ever receives strings and the gateway's prompt count is the worker's;
 - ``developer`` messages become ``system`` (vLLM v0.33 does this itself; v0.11 would render the role verbatim);
-- tools and tool calls keep only the keys the template renders (``strict`` is dropped: vLLM releases differ on it);
-  the keys OpenAI's SDKs echo back on an assistant message (``refusal``, ``annotations``, ``audio``,
-  ``function_call``, all empty) are accepted and dropped.
+- tools keep only the keys the template renders (``strict`` is dropped: vLLM releases differ on it); messages keep
+  ``role``, ``content``, ``name``, ``tool_calls`` (``id``, ``type``, ``function``) and ``tool_call_id``; the keys
+  OpenAI's SDKs echo back on an assistant message (``refusal``, ``annotations``, ``audio``, ``function_call``, all
+  empty) are accepted and dropped.
 
 The job is the native route's: the same admission, routing, relay and bill. Only the answer's shape differs
 (gateway/shapes.py).
@@ -27,7 +29,7 @@ from typing import Any, Final
 
 from config import SCHEMA_DIR
 from gateway.errors import InvalidRequestError
-from gateway.validate import DEFAULT_TEMPERATURE, InferenceJob, JsonSchema, special_token_message
+from gateway.validate import DEFAULT_TEMPERATURE, InferenceJob, JsonSchema, check_chat_text
 
 _SAMPLING: Final = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _CHAT_ROLES_NEEDING_CONTENT: Final = frozenset({"system", "developer", "user", "tool"})
@@ -83,7 +85,7 @@ def parse_chat(
         if all(tool["function"]["name"] != name for tool in tools):
             raise InvalidRequestError(f"'/tool_choice/function/name': no tool named '{name}' in '/tools'")
     if forbidden_text is not None:
-        _check_forbidden_text(messages, tools, forbidden_text)
+        check_chat_text(messages, tools, forbidden_text)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     job = _job(
         body,
@@ -199,7 +201,7 @@ def _tool_call(index: int, position: int, call: Mapping[str, Any]) -> dict[str, 
     function = call["function"]
     try:
         json.loads(function["arguments"] or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidRequestError(
             f"'/messages/{index}/tool_calls/{position}/function/arguments' must be a JSON string"
         ) from None
@@ -231,15 +233,3 @@ def _response_format(response_format: Mapping[str, Any] | None) -> Mapping[str, 
     if "schema" not in spec:  # a name alone constrains nothing beyond valid JSON
         return {"type": "json_object"}
     return {"type": "json_schema", "json_schema": dict(spec)}
-
-
-def _check_forbidden_text(
-    messages: tuple[Mapping[str, Any], ...], tools: tuple[Mapping[str, Any], ...], pattern: re.Pattern[str]
-) -> None:
-    # The template renders content, tool-call arguments and tools; special-token text in any of them would be read
-    # by the worker's tokenizer as the real control token.
-    for index, message in enumerate(messages):
-        if pattern.search(json.dumps(message, ensure_ascii=False)):
-            raise InvalidRequestError(special_token_message(f"/messages/{index}"))
-    if tools and pattern.search(json.dumps(tools, ensure_ascii=False)):
-        raise InvalidRequestError(special_token_message("/tools"))

@@ -99,6 +99,7 @@ class Relay:
         self._cancel = anyio.CancelScope()
         self._usage: Usage | None = None
         self._finish_reason = "stop"
+        self._stop_reason: str | None = None
         self._call = WorkerCall(job, caller.request_id, deps, lambda: self._client_gone)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -185,7 +186,7 @@ class Relay:
         self.meter.observe_usage(data.get("usage"))
         prepared = self.shape.prepare(answer)  # JSON mode on the native route: refused here, before the bill
         self._completing()
-        self.meter.delivered(answer.text + _answers.tool_calls_text(answer.tool_calls))
+        self.meter.delivered(answer.text + self._unseen_text(answer.stop_reason, answer.tool_calls))
         self.meter.answered = True
         usage = await self._settle()
         cost = self._cost(usage)
@@ -226,8 +227,7 @@ class Relay:
         if self._call.worker is not None:
             self._call.worker.succeeded()
         calls = tool_calls.as_openai()
-        # The final usage report covers only what was delivered; tool calls count as the text the model wrote.
-        self.meter.delivered(_answers.tool_calls_text(calls) if calls else "")
+        self.meter.delivered(self._unseen_text(self._stop_reason, calls))  # the final usage covers what was delivered
         usage = await self._settle()
         ending = self.shape.end(calls, self._finish_reason, usage, self._cost(usage))
         await send({"type": "http.response.body", "body": ending})
@@ -283,6 +283,7 @@ class Relay:
             delta = _answers.stream_delta(chunk)
             tool_calls.add(delta.fragments)
             self._finish_reason = delta.finish_reason or self._finish_reason
+            self._stop_reason = delta.stop_reason or self._stop_reason
             frames = self.shape.content(delta.text) if delta.text else b""
             if delta.fragments:
                 frames += self.shape.tool_fragments(delta.fragments)
@@ -295,6 +296,12 @@ class Relay:
             event = await anext(opened.events, None)
         return False
 
+    def _unseen_text(self, stop_reason: str | None, tool_calls: list[dict[str, Any]]) -> str:
+        """What the model generated that the text does not show, for the gateway's own count: the stop string that
+        ended the answer (vLLM counts its tokens but cuts it from the text), and tool calls as the model wrote them."""
+        stop = stop_reason if stop_reason in self.job.stop else ""
+        return stop + (_answers.tool_calls_text(tool_calls) if tool_calls else "")
+
     # -- settle and bill ------------------------------------------------------------------------------------
 
     async def _settle(self) -> Usage:
@@ -305,7 +312,13 @@ class Relay:
             settlement = settle_usage(delivery, lambda: self._prompt_tokens or 0, self.deps.tokenizer.count)
             for kind in settlement.mismatches:
                 self.deps.metrics.token_count_mismatches.labels(self.job.model, kind).inc()
-                logger.warning("worker's %s count for %s differs from ours: %r", kind, self.caller.request_id, delivery)
+                logger.warning(
+                    "worker's %s count for %s differs from ours (worker: %s prompt, %s completion tokens)",
+                    kind,
+                    self.caller.request_id,
+                    delivery.reported_prompt_tokens,
+                    delivery.reported_completion_tokens,
+                )
             self._usage = settlement.usage
         return self._usage
 

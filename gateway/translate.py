@@ -142,5 +142,5 @@ def _parse_arguments(arguments: Any) -> Any:
         return arguments if arguments is not None else {}
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: the worker's string as is
         return arguments

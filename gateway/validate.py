@@ -14,12 +14,14 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import fastjsonschema
 
+from billing import ChatTemplateError
+from billing.tokens import prepare_for_template
 from gateway.errors import InvalidRequestError, MissingBodyError
 
 DEFAULT_TEMPERATURE: Final = 0.6
@@ -53,6 +55,7 @@ class InferenceJob:
         return self.response_format is not None
 
 
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 _SAMPLING_FIELDS: Final = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _INTEGER_FIELDS: Final = ("max_tokens", "top_k", "seed")
 
@@ -97,9 +100,10 @@ class JsonSchema:
         if not failures:  # oneOf matched twice
             return _describe(exc)
         closest = max(failures, key=_closeness)
-        if all(failure.rule == "type" for failure in failures):  # the value has none of the types: name them all
-            types = [failure.definition["type"] for failure in failures]
-            expected = " or ".join(kind if isinstance(kind, str) else " or ".join(kind) for kind in types)
+        if all(failure.rule == "type" and failure.name == "data" for failure in failures):  # none of the types
+            kinds = [failure.definition["type"] for failure in failures]
+            flat = [kind for entry in kinds for kind in ([entry] if isinstance(entry, str) else entry)]
+            expected = " or ".join(dict.fromkeys(flat))
             return _describe(fastjsonschema.JsonSchemaValueException(f"{exc.name} must be {expected}", name=exc.name))
         # The failure is relative to the value: put it back under the value's own place in the body.
         name = exc.name + closest.name[len("data") :]
@@ -141,6 +145,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(f"the body is not valid JSON ({_first_line(exc)})") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # "\\ud800" decodes to a lone surrogate: no text, and not encodable
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
     return body
 
 
@@ -235,10 +244,23 @@ def _check_forbidden_text(body: Mapping[str, Any], form: str, pattern: re.Patter
         if not body.get("raw") and pattern.search(body["prompt"]):
             raise InvalidRequestError(special_token_message("/prompt"))
         return
-    for index, message in enumerate(body["messages"]):
-        if pattern.search(message["content"]):
-            raise InvalidRequestError(special_token_message(f"/messages/{index}/content"))
-    if body.get("tools") and pattern.search(json.dumps(body["tools"], ensure_ascii=False)):
+    check_chat_text(body["messages"], body.get("tools") or (), pattern)
+
+
+def check_chat_text(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any], pattern: re.Pattern[str]) -> None:
+    """Refuse special-token text anywhere the chat template renders: in each message as the worker prepares it
+    (tool-call arguments parsed from their JSON string, where an escaped ``\\u003c|eot_id|>`` becomes the real
+    text), and in the tools."""
+    try:
+        prepared, _ = prepare_for_template(messages, None)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    for index, message in enumerate(prepared):
+        for key, value in message.items():
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            if pattern.search(text):
+                raise InvalidRequestError(special_token_message(f"/messages/{index}/{key}"))
+    if tools and pattern.search(json.dumps(list(tools), ensure_ascii=False)):
         raise InvalidRequestError(special_token_message("/tools"))
 
 

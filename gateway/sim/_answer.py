@@ -43,6 +43,7 @@ class Answer:
     finish_reason: str
     text: str | None  # None when the answer is a tool call (``content: null``)
     tool_call: ToolCall | None = None
+    stop_reason: str | None = None  # the stop string that ended it, as vLLM reports it
 
     @property
     def completion_tokens(self) -> int:
@@ -163,11 +164,11 @@ def _cut_at_stop(answer: Answer, stop: tuple[str, ...]) -> Answer:
     """``answer`` as vLLM ends it at a stop string: the text before it is shown, the tokens up to the one that
     completes it are counted (no end-of-turn token follows), and ``finish_reason`` is ``stop``."""
     text = answer.text or ""
-    found = [(text.find(string), string) for string in stop if string in text]
+    # vLLM stops at the first token after which any stop string is complete: the one that ends first.
+    found = [(text.find(string) + len(string), text.find(string), string) for string in stop if string in text]
     if not found:
         return answer
-    start, string = min(found)
-    end = start + len(string)
+    end, start, string = min(found)
     pieces, shown = [], 0
     for piece in answer.pieces:
         content = piece.content or ""
@@ -176,7 +177,7 @@ def _cut_at_stop(answer: Answer, stop: tuple[str, ...]) -> Answer:
         pieces.append(Piece(tokens=1, content=keep))
         if shown >= end:
             break
-    return Answer(pieces=tuple(pieces), finish_reason="stop", text=text[:start])
+    return Answer(pieces=tuple(pieces), finish_reason="stop", text=text[:start], stop_reason=string)
 
 
 def fill_object(schema: Any, rng: random.Random) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class ChatFrames:
         choice: dict[str, Any] = {"index": 0, "delta": self._delta(piece), "logprobs": None}
         choice["finish_reason"] = finish_reason
         if finish_reason is not None:
-            choice["stop_reason"] = None
+            choice["stop_reason"] = self.answer.stop_reason
         choice["token_ids"] = None
         chunk = {**self._head(), "choices": [choice]}
         if usage is not None:
@@ -92,6 +92,7 @@ class CompletionFrames:
     response_id: str
     created: int
     model: str
+    answer: Answer
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.response_id, "object": "text_completion", "created": self.created, "model": self.model}
@@ -105,7 +106,7 @@ class CompletionFrames:
             "text": piece.content or "",
             "logprobs": None,
             "finish_reason": finish_reason,
-            "stop_reason": None,
+            "stop_reason": self.answer.stop_reason if finish_reason is not None else None,
             "prompt_token_ids": None,
             "token_ids": None,
         }
@@ -138,7 +139,7 @@ def chat_completion_body(
         "message": message,
         "logprobs": None,
         "finish_reason": answer.finish_reason,
-        "stop_reason": None,
+        "stop_reason": answer.stop_reason,
         "token_ids": None,
     }
     return {
@@ -163,7 +164,7 @@ def completion_body(response_id: str, created: int, model: str, answer: Answer, 
         "text": answer.text or "",
         "logprobs": None,
         "finish_reason": answer.finish_reason,
-        "stop_reason": None,
+        "stop_reason": answer.stop_reason,
         "prompt_logprobs": None,
         "prompt_token_ids": None,
         "token_ids": None,

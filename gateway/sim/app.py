@@ -236,7 +236,7 @@ class _GenerationEndpoint:
             body = chat_completion_body(response_id, created, job.model, answer, job.prompt_tokens)
         else:
             response_id = f"cmpl-{base_id}"
-            frames = CompletionFrames(response_id, created, job.model)
+            frames = CompletionFrames(response_id, created, job.model, answer)
             body = completion_body(response_id, created, job.model, answer, job.prompt_tokens)
         config = self._runtime.config
         return Delivery(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -375,6 +376,36 @@ async def test_worker_malformed_whole_answer_is_502_and_costs_nothing(
         assert response.status_code == 502
         assert response.json()["errors"][0]["code"] == 5502
         await assert_billed(gateway, response.headers["x-request-id"], 0, 0, status="upstream_error")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_worker_tool_call_arguments_nested_too_deep_pass_as_its_string(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, stream: bool
+) -> None:
+    """Arguments too deep to parse are not JSON to the gateway: passed on as the worker's string, and billed."""
+    arguments = "[" * 5000 + "]" * 5000
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    usage = {"completion_tokens": 3}
+    if stream:
+        chunk = {"choices": [{"delta": {"tool_calls": [{"index": 0, **call}]}, "finish_reason": "tool_calls"}]}
+        answer = b"data: " + json.dumps({**chunk, "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n"
+        http = fake_worker(answer, "text/event-stream")
+    else:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        answer = {"choices": [{"message": message, "finish_reason": "tool_calls"}], "usage": usage}
+        http = fake_worker(json.dumps(answer).encode())
+    async with gateway_for(redis_url, tokenizer, ["http://worker.test"], http=http) as gateway:
+        response = await gateway.run({"messages": USER, "tools": [TOOL], "stream": stream})
+        assert response.status_code == 200
+        if stream:
+            [result] = [
+                event for event in sse_events(response.text) if isinstance(event, dict) and event.get("tool_calls")
+            ]
+        else:
+            result = response.json()["result"]
+        assert result["tool_calls"] == [{"name": "f", "arguments": arguments}]
+        prompt_tokens = int(response.headers["x-tollgate-prompt-tokens"])  # the gateway's count (the tool included)
+        await assert_billed(gateway, response.headers["x-request-id"], prompt_tokens, 3)
 
 
 @pytest.mark.parametrize(

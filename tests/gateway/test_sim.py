@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 from billing.tokens import Tokenizer, count_chat_prompt_tokens, count_raw_prompt_tokens
 from gateway.sim import Faults, SimConfig, create_sim_app
+from gateway.sim._corpus import CORPUS
 from gateway.sim.cli import add_arguments, build_config
 
 pytestmark = pytest.mark.server
@@ -646,3 +647,19 @@ def test_sim_cli_passes_max_num_seqs():
     config, _ = build_config(parser.parse_args(["--max-num-seqs", "4"]))
     default, _ = build_config(parser.parse_args([]))
     assert (config.max_num_seqs, default.max_num_seqs) == (4, 0)
+
+
+async def test_sim_stops_at_the_stop_string_completed_first(tokenizer):
+    """As vLLM: the answer ends before the stop string that is complete first, even if another began earlier;
+    ``stop_reason`` names it, and its tokens are counted though not shown."""
+    words = CORPUS.split(" ")
+    middle = len(words) // 2
+    begins_first, ends_first = " ".join(words[middle : middle + 6]), " ".join(words[middle + 2 : middle + 4])
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1000, "stop": [begins_first, ends_first]}
+    async with live_sim(tokenizer, completion_tokens=1000, **FAST) as (client, _):
+        choice = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        record = (await client.get("/sim/served")).json()[0]
+    text = choice["message"]["content"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == ends_first
+    assert ends_first not in text and text + ends_first in CORPUS + CORPUS  # the window wraps around the corpus
+    assert tokenizer.count(text) < record["completion_tokens"] <= tokenizer.count(text + ends_first) + 1
