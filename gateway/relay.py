@@ -300,6 +300,8 @@ class Relay:
         """What the model generated that the text does not show, for the gateway's own count: the stop string that
         ended the answer (vLLM counts its tokens but cuts it from the text), and tool calls as the model wrote them."""
         stop = stop_reason if stop_reason in self.job.stop else ""
+        if isinstance(self.job.tool_choice, Mapping):  # a named tool: the model wrote only the arguments
+            return stop + "".join(call["function"]["arguments"] for call in tool_calls)
         return stop + (_answers.tool_calls_text(tool_calls) if tool_calls else "")
 
     # -- settle and bill ------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class AnswerRequest:
     max_tokens: int
     completion_tokens: int | None = None
     tool: Mapping[str, Any] | None = None
+    tool_named: bool = False  # ``tool_choice`` named the tool: vLLM constrains the output to its arguments
     json_schema: Mapping[str, Any] | None = None
     json_mode: bool = False
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one generated
@@ -77,7 +78,7 @@ class AnswerWriter:
         target = request.completion_tokens or drawn  # generated tokens, the stop token included
         offset = rng.randrange(len(self._corpus_ids))
         if request.tool is not None:
-            return self._tool_answer(request.tool, request.max_tokens, rng)
+            return self._tool_answer(request.tool, request.max_tokens, rng, named=request.tool_named)
         if request.json_mode or request.json_schema is not None:
             ids = self._json_ids(request.json_schema, rng, offset, min(target, request.max_tokens) - 1)
             stops = len(ids) < request.max_tokens
@@ -119,13 +120,18 @@ class AnswerWriter:
                 return ids
             size = max(size - (len(ids) - budget_tokens), 0)
 
-    def _tool_answer(self, tool: Mapping[str, Any], max_tokens: int, rng: random.Random) -> Answer:
+    def _tool_answer(self, tool: Mapping[str, Any], max_tokens: int, rng: random.Random, *, named: bool) -> Answer:
         function = tool["function"]
         call = ToolCall(
             id=f"chatcmpl-tool-{rng.getrandbits(128):032x}",
             name=function["name"],
             arguments=json.dumps(fill_object(function.get("parameters"), rng), ensure_ascii=False),
         )
+        if named:  # guided decoding writes the arguments alone; vLLM wraps them in a call and says "stop"
+            ids = self._tokenizer.encode(call.arguments)
+            if len(ids) >= max_tokens:
+                return self._text_answer(ids[:max_tokens], finish_reason="length")
+            return Answer(pieces=self._argument_pieces(ids, call), finish_reason="stop", text=None, tool_call=call)
         # The model writes the llama3_json form; vLLM's parser turns it into a tool call.
         prefix = '{"name": "' + call.name + '", "parameters": '
         text = prefix + call.arguments + "}"
@@ -134,6 +140,19 @@ class AnswerWriter:
             return self._text_answer(ids[:max_tokens], finish_reason="length")
         pieces = self._tool_pieces(ids, text, arguments_start=len(prefix), call=call)
         return Answer(pieces=pieces, finish_reason="tool_calls", text=None, tool_call=call)
+
+    def _argument_pieces(self, ids: Sequence[int], call: ToolCall) -> tuple[Piece, ...]:
+        """A named call's frames: the call itself first, then the arguments as they decode; the stop token last."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces, pending = [Piece(tokens=0, tool_name=call.name)], 0
+        for index, token in enumerate(ids):
+            pending += 1
+            text = decoder.decode(self._tokenizer.decode_bytes([token]), final=index == len(ids) - 1)
+            if text:
+                pieces.append(Piece(tokens=pending, tool_arguments=text))
+                pending = 0
+        pieces[-1] = replace(pieces[-1], tokens=pieces[-1].tokens + pending + 1)
+        return tuple(pieces)
 
     def _tool_pieces(self, ids: Sequence[int], text: str, *, arguments_start: int, call: ToolCall) -> tuple[Piece, ...]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

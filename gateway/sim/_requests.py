@@ -72,6 +72,7 @@ def parse_chat(body: Mapping[str, Any], config: SimConfig, counter: PromptCounte
         max_tokens=max_tokens,
         completion_tokens=config.completion_tokens,
         tool=_tool_to_call(body, tools, messages),
+        tool_named=isinstance(body.get("tool_choice"), Mapping),
         stop=_stop(body),
         **_json_format(body.get("response_format")),
     )

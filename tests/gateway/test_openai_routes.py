@@ -460,14 +460,28 @@ async def test_chat_tool_choice_none_answers_with_text(gateway: Gateway, worker:
     assert served["finish_reason"] == "stop" and served["completion_tokens"] == 12
 
 
-async def test_chat_named_tool_choice_calls_that_tool(gateway: Gateway, worker: SimWorker) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_named_tool_choice_calls_that_tool(gateway: Gateway, worker: SimWorker, stream: bool) -> None:
+    """A named tool: vLLM constrains the output to the arguments (finish_reason "stop"); the gateway's own count of
+    them agrees with the worker's."""
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    response = await chat(gateway, WEATHER_USER, tools=[other, TOOL], tool_choice=choice)
+    response = await chat(gateway, WEATHER_USER, tools=[other, TOOL], tool_choice=choice, stream=stream)
     assert response.status_code == 200, response.text
-    [call] = response.json()["choices"][0]["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_weather"
-    await assert_billed_as_served(gateway, worker, response)
+    if stream:
+        choices = [chunk["choices"][0] for chunk in chunks_of(sse_events(response.text))]
+        fragments = [fragment for choice in choices for fragment in choice["delta"].get("tool_calls") or ()]
+        name = "".join(fragment.get("function", {}).get("name", "") for fragment in fragments)
+        arguments = "".join(fragment.get("function", {}).get("arguments", "") for fragment in fragments)
+        finish_reason = choices[-1]["finish_reason"]
+    else:
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        finish_reason = response.json()["choices"][0]["finish_reason"]
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"} and finish_reason == "stop"
+    served = await assert_billed_as_served(gateway, worker, response)
+    assert served["completion_tokens"] == len(Tokenizer.default().encode(arguments)) + 1  # and the stop token
+    assert "tollgate_token_count_mismatches_total{" not in (await gateway.client.get("/metrics")).text
 
 
 async def test_chat_stream_tool_call_fragments_join_to_the_call(gateway: Gateway, worker: SimWorker) -> None:
