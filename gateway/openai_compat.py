@@ -148,7 +148,7 @@ def _check_keys(body: Mapping[str, Any], known: frozenset[str]) -> None:
     unknown = sorted(key for key in body if key not in known)
     if unknown:
         raise InvalidRequestError(
-            f"unsupported parameter '/{unknown[0]}' (this endpoint takes: {', '.join(sorted(known))})"
+            f"'/{unknown[0]}': unsupported parameter (this endpoint takes: {', '.join(sorted(known))})"
         )
 
 

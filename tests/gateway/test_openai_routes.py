@@ -214,6 +214,8 @@ async def test_error_bad_chat_body_is_400_5006_naming_the_field(
 ) -> None:
     response = await post(gateway, {"model": MODEL, "messages": USER, **fields})
     await assert_refused(gateway, worker, response, 400, 5006, naming=naming)
+    if naming.startswith("'/"):  # the field the message names first is OpenAI's param
+        assert response.json()["error"]["param"] == naming[2:].split("/")[0].rstrip("'")
 
 
 async def test_error_key_without_the_inference_scope_is_403(gateway: Gateway, worker: SimWorker, redis: Redis) -> None:
