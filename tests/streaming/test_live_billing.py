@@ -195,5 +195,8 @@ async def test_shutdown_mid_stream_bills_what_was_relayed_before_redis_closes(
         served = sim.record_for(request_id)
         assert billed["status"] == "cancelled"
         assert 1 <= served["completion_tokens"] < 150
-        assert int(billed["completion_tokens"]) == served["completion_tokens"]
+        # Billed for what was relayed. The request is cancelled (past the grace period) at any point: the worker's
+        # next token may be in flight then (sent, not yet read), or read but not yet relayed.
+        completion = int(billed["completion_tokens"])
+        assert 1 <= completion <= served["completion_tokens"] <= completion + 2
         assert int(billed["prompt_tokens"]) == served["prompt_tokens"]
