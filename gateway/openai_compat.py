@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 from config import SCHEMA_DIR
 from gateway.errors import InvalidRequestError
-from gateway.validate import DEFAULT_TEMPERATURE, InferenceJob, JsonSchema, check_chat_text
+from gateway.validate import DEFAULT_TEMPERATURE, InferenceJob, JsonSchema, check_chat_text, check_number_kinds
 
 _SAMPLING: Final = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_WHOLE: Final = ("max_tokens", "max_completion_tokens", "top_k", "seed", "n", "best_of")
+_FINITE: Final = ("temperature", *_SAMPLING)
 _CHAT_ROLES_NEEDING_CONTENT: Final = frozenset({"system", "developer", "user", "tool"})
 
 
@@ -74,7 +75,7 @@ def parse_chat(
     """Check a ``/chat/completions`` body (its ``model`` already known to exist) and build its job."""
     _check_keys(body, schemas.chat_keys)
     schemas.chat.check(body)
-    _check_finite(body)
+    check_number_kinds(body, whole=_WHOLE, finite=_FINITE)
     messages = tuple(_message(index, message) for index, message in enumerate(body["messages"]))
     tools = tuple(_tool(tool) for tool in body.get("tools") or ())
     tool_choice = body.get("tool_choice")
@@ -110,7 +111,7 @@ def parse_completion(
     text is allowed (``forbidden_text`` is not used): a raw prompt's author writes the control tokens on purpose."""
     _check_keys(body, schemas.completions_keys)
     schemas.completions.check(body)
-    _check_finite(body)
+    check_number_kinds(body, whole=_WHOLE, finite=_FINITE)
     prompt = body["prompt"]
     job = _job(
         body,
@@ -150,17 +151,6 @@ def _check_keys(body: Mapping[str, Any], known: frozenset[str]) -> None:
         raise InvalidRequestError(
             f"'/{unknown[0]}': unsupported parameter (this endpoint takes: {', '.join(sorted(known))})"
         )
-
-
-def _check_finite(body: Mapping[str, Any]) -> None:
-    for name in ("temperature", *_SAMPLING):  # '1e999' parses as infinity, which no range check catches
-        value = body.get(name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequestError(f"'/{name}' must be a finite number")
-    for name in ("max_tokens", "max_completion_tokens", "top_k", "seed", "n"):
-        value = body.get(name)
-        if value is not None and not isinstance(value, int):  # JSON Schema counts 3.0 as an integer
-            raise InvalidRequestError(f"'/{name}' must be a whole number, got {value!r}")
 
 
 def _message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.meter import Meter, usage_headers
-from gateway.shapes import AnswerShape, WorkersAiShape
+from gateway.shapes import AnswerShape
 from gateway.upstream import Opened, WorkerCall, map_upstream_errors
 from gateway.validate import InferenceJob
 
@@ -81,11 +81,9 @@ class Caller:
 class Relay:
     """Serves one admitted request as an ASGI app, from the worker call to the bill."""
 
-    def __init__(
-        self, admission: Admission, caller: Caller, deps: Dependencies, shape: AnswerShape | None = None
-    ) -> None:
+    def __init__(self, admission: Admission, caller: Caller, deps: Dependencies, shape: AnswerShape) -> None:
         self.job = job = admission.job
-        self.shape = shape or WorkersAiShape(job)
+        self.shape = shape  # the route's answer format (gateway/shapes.py)
         self._prompt_tokens = admission.prompt_tokens
         self.caller = caller
         self.deps = deps

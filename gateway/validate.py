@@ -203,10 +203,17 @@ def _form_of(body: Mapping[str, Any]) -> Literal["prompt", "messages"]:
 def _check_numbers(body: Mapping[str, Any]) -> None:
     if "max_tokens" in body and body["max_tokens"] < 1:
         raise InvalidRequestError(f"'/max_tokens' must be at least 1, got {body['max_tokens']}")
-    for name in _INTEGER_FIELDS:  # JSON Schema counts 3.0 as an integer; a worker would not
-        if name in body and not isinstance(body[name], int):
-            raise InvalidRequestError(f"'/{name}' must be a whole number, got {body[name]!r}")
-    for name in ("temperature", *_SAMPLING_FIELDS):
+    check_number_kinds(body, whole=_INTEGER_FIELDS, finite=("temperature", *_SAMPLING_FIELDS))
+
+
+def check_number_kinds(body: Mapping[str, Any], *, whole: tuple[str, ...], finite: tuple[str, ...]) -> None:
+    """What a schema's number checks miss: JSON Schema counts ``3.0`` as an integer (a worker would not), and
+    ``1e999`` parses as infinity, which passes no range check. ``null`` values are left to the schema."""
+    for name in whole:
+        value = body.get(name)
+        if value is not None and not isinstance(value, int):
+            raise InvalidRequestError(f"'/{name}' must be a whole number, got {value!r}")
+    for name in finite:
         value = body.get(name)
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequestError(f"'/{name}' must be a finite number")
