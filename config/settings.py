@@ -123,6 +123,21 @@ class LedgerSettings:
 
 
 @_frozen
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"  # json: one object per line, for log collectors; text: for a terminal
+    access_log: bool = True  # one line per request: id, tenant, model, status, tokens, cost, durations
+
+
+@_frozen
+class MetricsSettings:
+    # Tenants whose token and cost metrics carry their own ``tenant`` label; every other tenant is "other". Keep the
+    # list short: each tenant multiplies those series (keys never appear in metrics).
+    tenant_labels: tuple[str, ...] = ()
+    sample_interval_seconds: float = 1.0  # how often each process writes its workers' state to the metrics
+
+
+@_frozen
 class WorkerSettings:
     """One worker of a pool. In YAML or the environment a bare URL stands for ``{url: <URL>}``."""
 
@@ -198,6 +213,8 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     routing: RoutingSettings = RoutingSettings()
     ledger: LedgerSettings = LedgerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     pools: Mapping[str, PoolSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
     models: Mapping[str, ModelSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
@@ -340,6 +357,7 @@ def _check(settings: Settings) -> None:
         "ledger.events_retention_seconds": settings.ledger.events_retention_seconds,
         "ledger.spool_replay_interval_seconds": settings.ledger.spool_replay_interval_seconds,
         "limits.slot_ttl_seconds": settings.limits.slot_ttl_seconds,
+        "metrics.sample_interval_seconds": settings.metrics.sample_interval_seconds,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -9,6 +9,8 @@ Routes::
 
     GET    /client/v4/accounts/{account_id}/ai/usage       a tenant's own usage (scope usage:read); ?format=csv
     GET    /client/v4/accounts/{account_id}/ai/budget      a tenant's own budget and spend this month (usage:read)
+    GET    /client/v4/user/tokens/verify                   who the bearer is: key id, account, scopes, expiry (any
+                                                           valid key or the admin token; also /user/tokens/verify)
     GET    /admin/v1/usage                                 usage across tenants (?tenant=a,b&group_by=tenant)
     GET    /admin/v1/tenants                               every tenant, with budget and spend this month
     POST   /admin/v1/keys                                  create a key (its secret is in this answer only)
@@ -72,6 +74,8 @@ def routes() -> list[Route]:
         ]
     return [
         *tenant_routes,
+        Route("/client/v4/user/tokens/verify", verify_token, methods=["GET"]),
+        Route("/user/tokens/verify", verify_token, methods=["GET"]),
         Route("/admin/v1/usage", admin_usage, methods=["GET"]),
         Route("/admin/v1/tenants", list_tenants, methods=["GET"]),
         Route("/admin/v1/keys", create_key, methods=["POST"]),
@@ -93,18 +97,49 @@ def routes() -> list[Route]:
 
 async def tenant_usage(request: Request) -> Response:
     deps = _deps(request)
-    key = await deps.auth.authenticate(
-        request.headers, request.path_params["account_id"], request.url.path, scope="usage:read"
-    )
+    key = await _usage_reader(request, deps)
     return await _usage(request, deps, tenants=[key.tenant], operator=False)
 
 
 async def tenant_budget(request: Request) -> Response:
     deps = _deps(request)
-    key = await deps.auth.authenticate(
-        request.headers, request.path_params["account_id"], request.url.path, scope="usage:read"
-    )
+    key = await _usage_reader(request, deps)
     return render_result(await _budget_status(deps, key.tenant, key))
+
+
+async def _usage_reader(request: Request, deps: Dependencies) -> ApiKey:
+    """The path's account's key with ``usage:read``, noted for the access log."""
+    account = request.path_params["account_id"]
+    key = await deps.auth.authenticate(request.headers, account, request.url.path, scope="usage:read")
+    request.state.facts.tenant, request.state.facts.key_id = key.tenant, key.key_id
+    return key
+
+
+async def verify_token(request: Request) -> Response:
+    """Cloudflare's token check: the bearer's key id, status, expiry, account and scopes, for any valid key."""
+    deps = _deps(request)
+    key = await _redis(deps, deps.auth.identify(request.headers))
+    if key is None:  # the bootstrap admin token: no key, no account behind it
+        return render_result(
+            {
+                "id": "admin-token",
+                "status": "active",
+                "expires_on": None,
+                "account_id": None,
+                "name": "bootstrap admin token",
+                "scopes": ["admin"],
+            }
+        )
+    return render_result(
+        {
+            "id": key.key_id,
+            "status": "active",  # a revoked or expired key never gets here: it is a 401
+            "expires_on": None if key.expires_at is None else _iso(key.expires_at),
+            "account_id": key.tenant,
+            "name": key.name,
+            "scopes": sorted(key.scopes),
+        }
+    )
 
 
 # -- operators ---------------------------------------------------------------------------------------------------
@@ -114,7 +149,7 @@ async def admin_usage(request: Request) -> Response:
     deps = await _admin(request)
     named = request.query_params.get("tenant")
     if named is None:
-        tenants = await _redis(deps.keys.tenants())  # none yet on a new install: a report of zeros
+        tenants = await _redis(deps, deps.keys.tenants())  # none yet on a new install: a report of zeros
     else:
         tenants = [_tenant(name) for name in named.split(",") if name]
         if not tenants:
@@ -124,7 +159,7 @@ async def admin_usage(request: Request) -> Response:
 
 async def list_tenants(request: Request) -> Response:
     deps = await _admin(request)
-    tenants = await _redis(deps.keys.tenants())
+    tenants = await _redis(deps, deps.keys.tenants())
     return render_result([await _budget_status(deps, tenant) for tenant in tenants])
 
 
@@ -160,6 +195,7 @@ async def create_key(request: Request) -> Response:
         raise InvalidQueryError(f"'scopes': expected a list of {', '.join(SCOPES)}")
     try:
         issued = await _redis(
+            deps,
             deps.keys.create(
                 tenant,
                 name,
@@ -167,7 +203,7 @@ async def create_key(request: Request) -> Response:
                 expires_at=_expiry(body, deps.clock()),
                 monthly_budget_nano_usd=_budget_field(body),
                 limits=_limits_field(body, KeyLimits()),
-            )
+            ),
         )
     except InvalidKeySettingError as exc:
         raise InvalidQueryError(str(exc)) from None
@@ -177,7 +213,7 @@ async def create_key(request: Request) -> Response:
 async def list_keys(request: Request) -> Response:
     deps = await _admin(request)
     tenant = request.query_params.get("tenant")
-    keys = await _redis(deps.keys.list_keys(_tenant(tenant) if tenant else None))
+    keys = await _redis(deps, deps.keys.list_keys(_tenant(tenant) if tenant else None))
     return render_result([key.as_dict() for key in keys])
 
 
@@ -195,9 +231,9 @@ async def update_key(request: Request) -> Response:
         raise InvalidQueryError("'monthly_budget_usd': give it (\"5.00\", or null for none) and/or 'limits'")
     updated: ApiKey | None = key
     if "monthly_budget_usd" in body:
-        updated = await _redis(deps.keys.set_budget(key.key_id, _budget_field(body)))
+        updated = await _redis(deps, deps.keys.set_budget(key.key_id, _budget_field(body)))
     if "limits" in body and updated is not None:
-        updated = await _redis(deps.keys.set_limits(key.key_id, _limits_field(body, key.limits)))
+        updated = await _redis(deps, deps.keys.set_limits(key.key_id, _limits_field(body, key.limits)))
     if updated is None:
         raise NotFoundError(f"No key with id {key.key_id}")
     return render_result(updated.as_dict())
@@ -206,7 +242,7 @@ async def update_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     deps = await _admin(request)
     key = await _key(deps, request)
-    revoked = await _redis(deps.keys.revoke(key.key_id))
+    revoked = await _redis(deps, deps.keys.revoke(key.key_id))
     if revoked is None:
         raise NotFoundError(f"No key with id {key.key_id}")
     return render_result(revoked.as_dict())
@@ -220,7 +256,7 @@ async def rotate_key(request: Request) -> Response:
     grace = body.get("grace_seconds", 0)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 30 * 86400:
         raise InvalidQueryError("'grace_seconds': expected a number of seconds from 0 to 2592000 (30 days)")
-    rotated = await _redis(deps.keys.rotate(key.key_id, grace_seconds=float(grace)))
+    rotated = await _redis(deps, deps.keys.rotate(key.key_id, grace_seconds=float(grace)))
     if rotated is None:
         raise InvalidQueryError(f"key {key.key_id} is revoked or expired: create a new key instead")
     issued, retired = rotated
@@ -241,14 +277,14 @@ async def set_budget(request: Request) -> Response:
     _only(body, {"monthly_budget_usd"})
     if "monthly_budget_usd" not in body:
         raise InvalidQueryError("'monthly_budget_usd': required (an amount such as \"25.00\", or null for no cap)")
-    await _redis(deps.budgets.set_tenant_budget(tenant, _budget_field(body)))
+    await _redis(deps, deps.budgets.set_tenant_budget(tenant, _budget_field(body)))
     return render_result(await _budget_status(deps, tenant))
 
 
 async def reset_budget(request: Request) -> Response:
     deps = await _admin(request)
     tenant = _tenant(request.path_params["tenant"])
-    await _redis(deps.budgets.reset_tenant_budget(tenant))
+    await _redis(deps, deps.budgets.reset_tenant_budget(tenant))
     return render_result(await _budget_status(deps, tenant))
 
 
@@ -277,11 +313,12 @@ async def _admin(request: Request) -> Dependencies:
     return deps
 
 
-async def _redis(awaitable: Any) -> Any:
-    """Await a Redis-backed call; Redis trouble is a 503, never a 500."""
+async def _redis(deps: Dependencies, awaitable: Any, operation: str = "admin") -> Any:
+    """Await a Redis-backed call; Redis trouble is a 503, never a 500 (counted by ``operation``: usage, admin)."""
     try:
         return await awaitable
     except RedisError as exc:
+        deps.metrics.redis_errors.labels(operation).inc()
         raise KeyStoreUnavailableError() from exc
 
 
@@ -296,7 +333,7 @@ async def _usage(request: Request, deps: Dependencies, *, tenants: list[str], op
         query = parse_query(params, tenants=tenants, now=deps.clock(), allow_group_by_tenant=operator)
     except ReportQueryError as exc:
         raise InvalidQueryError(str(exc)) from None
-    report = await _redis(usage_report(deps.redis, query, models=list(deps.settings.models)))
+    report = await _redis(deps, usage_report(deps.redis, query, models=list(deps.settings.models)), "usage")
     if output == "csv":
         filename = f"tollgate-usage-{query.granularity}-{query.start}-{query.end}.csv"
         return Response(
@@ -310,8 +347,8 @@ async def _usage(request: Request, deps: Dependencies, *, tenants: list[str], op
 async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = None) -> dict[str, Any]:
     """A tenant's (and, for a tenant's own request, its key's) cap and spend in the current month (UTC)."""
     month = month_of(deps.clock())
-    cap, is_default = await _redis(deps.budgets.tenant_budget(tenant))
-    spent = await _redis(deps.ledger.month_spend(tenant, month))
+    cap, is_default = await _redis(deps, deps.budgets.tenant_budget(tenant), "usage")
+    spent = await _redis(deps, deps.ledger.month_spend(tenant, month), "usage")
     status: dict[str, Any] = {
         "tenant": tenant,
         "month": f"{month[:4]}-{month[4:]}",
@@ -323,7 +360,7 @@ async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = N
         "spent_usd": format_usd(spent),
     }
     if key is not None:
-        key_spent = await _redis(deps.ledger.month_spend(tenant, month, key.key_id))
+        key_spent = await _redis(deps, deps.ledger.month_spend(tenant, month, key.key_id), "usage")
         key_cap = key.monthly_budget_nano_usd
         status["key"] = {
             "id": key.key_id,
@@ -337,7 +374,7 @@ async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = N
 
 async def _key(deps: Dependencies, request: Request) -> ApiKey:
     key_id = request.path_params["key_id"]
-    key = await _redis(deps.keys.get(key_id))
+    key = await _redis(deps, deps.keys.get(key_id))
     if key is None:
         raise NotFoundError(f"No key with id {key_id}")
     return key

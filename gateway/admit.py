@@ -110,6 +110,8 @@ async def admit_request(
             continue
         break
     headers = rate_limit_headers(decision)
+    if decision.verdict != "ok":
+        deps.metrics.record_refusal(job.model, decision.verdict)
     if decision.verdict in ("budget_key", "budget_tenant"):
         error: TollgateError = BudgetExceededError(_budget_message(decision, max_cost))
     elif decision.verdict != "ok":
@@ -162,6 +164,7 @@ def _unchecked(exc: RedisError, key: ApiKey, deps: Dependencies) -> float:
     refuse = deps.settings.limits.on_redis_error == "refuse" or (
         budget_may_apply and deps.settings.budgets.on_redis_error == "refuse"
     )
+    deps.metrics.redis_errors.labels("admission").inc()
     deps.metrics.admission_unchecked.labels("refused" if refuse else "allowed").inc()
     if refuse:
         logger.error("cannot check budgets and limits, Redis unreachable: %r", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -14,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from config import Settings, load_pools, load_settings
-from gateway import admin
+from gateway import admin, dashboard
 from gateway.deps import Dependencies, build_dependencies
 from gateway.endpoints import (
     chat_completions,
@@ -27,7 +28,8 @@ from gateway.endpoints import (
     run_model,
 )
 from gateway.errors import MethodNotAllowedError, RouteNotFoundError, TollgateError, is_openai_path, render_error
-from gateway.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from gateway.middleware import BodySizeLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
+from gateway.observe import RequestFacts
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
         routes += _openai_routes(prefix + "/accounts/{account_id}/ai/v1")
     routes += _openai_routes("/v1")  # for clients that only set a base URL: the account is the key's
     routes += admin.routes()
+    routes += dashboard.routes()
     routes.append(Route("/healthz", health, methods=["GET"]))
     routes.append(Route("/readyz", ready, methods=["GET"]))
     routes.append(Route("/metrics", metrics, methods=["GET"]))
@@ -66,6 +69,7 @@ def create_app(settings: Settings, deps: Dependencies | None = None) -> Starlett
         routes=routes,
         middleware=[
             Middleware(RequestIdMiddleware),
+            Middleware(ObserveMiddleware, metrics=deps.metrics),
             Middleware(BodySizeLimitMiddleware, max_body_bytes=settings.server.max_body_bytes),
         ],
         exception_handlers={
@@ -92,11 +96,19 @@ def create_app_from_environment() -> Starlette:
     """The factory ``tollgate serve`` hands uvicorn: settings from ``TOLLGATE_CONFIG`` and ``TOLLGATE_*``; the pools
     are re-read from there while running."""
     settings = load_settings()
-    return create_app(settings, build_dependencies(settings, pool_source=lambda: load_pools(settings)))
+    deps = build_dependencies(
+        settings,
+        pool_source=lambda: load_pools(settings),
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,  # set by `tollgate serve` for its processes
+    )
+    return create_app(settings, deps)
 
 
 async def _handle_tollgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollgateError)
+    facts: RequestFacts | None = getattr(request.state, "facts", None)
+    if facts is not None:
+        facts.error_code = exc.code
     return render_error(exc, openai=is_openai_path(request.url.path))
 
 

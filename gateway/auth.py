@@ -38,8 +38,10 @@ class Authenticator:
         clock: Callable[[], float],
         admin_token: str = "",
         stale_if_error_seconds: float = 0.0,
+        on_redis_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._keys = keys
+        self._on_redis_error = on_redis_error  # counts the failure (tollgate_redis_errors_total)
         self._ttl = cache_ttl_seconds
         self._stale_if_error = stale_if_error_seconds
         self._clock = clock
@@ -62,13 +64,18 @@ class Authenticator:
 
     async def authenticate_admin(self, headers: Mapping[str, str]) -> ApiKey | None:
         """Admit the bootstrap admin token (``None``: no key behind it) or a key with the ``admin`` scope."""
+        key = await self.identify(headers)
+        if key is not None and "admin" not in key.scopes:
+            raise ForbiddenError("Authentication error: this key lacks the 'admin' scope")
+        return key
+
+    async def identify(self, headers: Mapping[str, str]) -> ApiKey | None:
+        """Whoever ``headers`` present, whatever their scopes: a usable key, or ``None`` for the bootstrap admin
+        token. Anything else is an :class:`AuthenticationError`."""
         secret = _bearer_token(headers)
         if self._is_admin_token(secret):
             return None
-        key = await self._lookup(secret)
-        if "admin" not in key.scopes:
-            raise ForbiddenError("Authentication error: this key lacks the 'admin' scope")
-        return key
+        return await self._lookup(secret)
 
     def _is_admin_token(self, secret: str) -> bool:
         return bool(self._admin_token_hash) and hmac.compare_digest(hash_key(secret), self._admin_token_hash)
@@ -82,6 +89,7 @@ class Authenticator:
         try:
             key = await self._keys.find(secret_key)
         except RedisError as exc:
+            self._on_redis_error()
             if cached is not None and now < cached[0] - self._ttl + self._stale_if_error:
                 logger.warning("cannot reach Redis to check a key; using what was read %.1f s ago: %r",
                                now - cached[0] + self._ttl, exc)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -11,9 +12,11 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -42,6 +45,7 @@ from billing import (
 )
 from config import Settings, SettingsError, load_settings
 from gateway.deps import build_redis
+from gateway.logs import logging_config
 from gateway.sim import cli as sim_cli
 
 
@@ -173,21 +177,45 @@ def _apply_config_option(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     _apply_config_option(args)
     settings = load_settings()  # fail fast, with the key named, before uvicorn starts
+    workers = args.workers or settings.server.workers
     # uvicorn's grace period outlasts the drain (gateway/lifecycle.py), so it never cuts a request itself.
     grace = settings.server.drain_seconds + settings.upstream.hang_up_drain_seconds + 5
-    uvicorn.run(
-        "gateway.app:create_app_from_environment",
-        factory=True,
-        host=args.host or settings.server.host,
-        port=args.port or settings.server.port,
-        workers=args.workers or settings.server.workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="info",
-        timeout_graceful_shutdown=math.ceil(grace),
-    )
+    with _metrics_directory(workers):
+        uvicorn.run(
+            "gateway.app:create_app_from_environment",
+            factory=True,
+            host=args.host or settings.server.host,
+            port=args.port or settings.server.port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,  # the gateway writes its own (gateway/logs.py)
+            log_config=logging_config(settings.logging),
+            timeout_graceful_shutdown=math.ceil(grace),
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several processes serve one port, and a scrape reaches any one of them: they keep their metrics in files of
+    one directory (prometheus-client's multiprocess mode), which every process sums when scraped. The directory is
+    ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied first: old values would count again), else a temporary one. Its
+    variable must be set before the processes import prometheus-client: uvicorn starts them afresh."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield
+    elif workers > 1:
+        with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as directory:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+            try:
+                yield
+            finally:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    else:
+        yield
 
 
 def _dev(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from gateway._transport import WorkerTransport
 from gateway.auth import Authenticator
 from gateway.health import PoolMonitor
 from gateway.lifecycle import Drain, PoolReloader
-from gateway.observe import GatewayMetrics, PoolCollector, SpoolCollector
+from gateway.observe import GatewayMetrics, ProcessSampler, SpoolCollector
 from gateway.openai_compat import OpenAiSchemas
 from gateway.route import WorkerPool
 from gateway.validate import InputSchema, special_token_pattern
@@ -77,6 +77,7 @@ class Dependencies:
     tokenizer: Tokenizer
     counters: Mapping[str, PromptCounter]  # per model: its workers' chat template + the tokenizer
     metrics: GatewayMetrics
+    sampler: ProcessSampler  # publishes this process's view of the workers and its spool counts to the metrics
     schemas: Mapping[str, InputSchema]
     openai_schemas: OpenAiSchemas  # the OpenAI-compatible routes' request schemas
     forbidden_text: re.Pattern[str] | None  # special-token text refused in chat content (validation.special_tokens)
@@ -92,6 +93,7 @@ class Dependencies:
         part in the process's shutdown; needs the running event loop."""
         self.durable_ledger.start()
         self.monitor.start()
+        self.sampler.start()
         self.reloader.start()
         self.drain.register()
 
@@ -100,6 +102,7 @@ class Dependencies:
         await self.reloader.aclose()
         await self.monitor.aclose()
         await self.bills.drain(timeout_seconds=30)
+        await self.sampler.aclose()
         await self.durable_ledger.aclose()
         await self.http.aclose()
         await self.redis.aclose()
@@ -154,9 +157,12 @@ def build_dependencies(
     tokenizer: Tokenizer | None = None,
     clock: Callable[[], float] = time.time,
     pool_source: Callable[[], Mapping[str, PoolSettings]] | None = None,
+    metrics_dir: str | None = None,
 ) -> Dependencies:
     """Build every dependency from ``settings``. Loads the tokenizer and schemas; opens no connection yet.
-    ``pool_source`` re-reads the configured pools for reloads (default: ``settings.pools`` never change)."""
+    ``pool_source`` re-reads the configured pools for reloads (default: ``settings.pools`` never change).
+    ``metrics_dir``: prometheus-client's multiprocess directory, when this is one of several processes serving one
+    port (``PROMETHEUS_MULTIPROC_DIR``, which must then have been set before prometheus-client was imported)."""
     redis = build_redis(settings)
     keys = KeyStore(redis, clock=clock)
     ledger = Ledger(redis, _retention(settings))
@@ -171,9 +177,12 @@ def build_dependencies(
     http = build_http_client(settings)
     pools = {name: WorkerPool(name, pool.workers, settings.routing) for name, pool in settings.pools.items()}
     _warn_if_connections_run_short(settings)
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(SpoolCollector(durable_ledger))
-    registry.register(PoolCollector(pools))
+    metrics = GatewayMetrics(
+        CollectorRegistry(auto_describe=True),
+        spool=SpoolCollector(durable_ledger),
+        tenant_labels=settings.metrics.tenant_labels,
+        multiprocess_dir=metrics_dir,
+    )
     return Dependencies(
         settings=settings,
         http=http,
@@ -185,6 +194,7 @@ def build_dependencies(
             clock=clock,
             admin_token=settings.admin.token,
             stale_if_error_seconds=settings.auth.stale_if_error_seconds,
+            on_redis_error=metrics.redis_errors.labels("auth").inc,
         ),
         ledger=ledger,
         durable_ledger=durable_ledger,
@@ -192,7 +202,8 @@ def build_dependencies(
         limiter=Limiter(redis, slot_ttl_seconds=settings.limits.slot_ttl_seconds),
         tokenizer=tokenizer,
         counters={name: _prompt_counter(tokenizer, model) for name, model in settings.models.items()},
-        metrics=GatewayMetrics(registry),
+        metrics=metrics,
+        sampler=ProcessSampler(metrics, pools, durable_ledger, settings.metrics.sample_interval_seconds),
         schemas={name: InputSchema.from_file(model.input_schema_path) for name, model in settings.models.items()},
         openai_schemas=OpenAiSchemas.load(),
         forbidden_text=(

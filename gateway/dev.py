@@ -65,6 +65,8 @@ def run_dev(*, port: int, tenant: str) -> int:
                 "TOLLGATE_REDIS__URL": redis_url,
                 "TOLLGATE_POOLS__BF16__WORKERS": ",".join(workers),
                 "TOLLGATE_POOLS__FP8__WORKERS": ",".join(workers),
+                # Plain log lines for a terminal, unless asked otherwise.
+                "TOLLGATE_LOGGING__FORMAT": os.environ.get("TOLLGATE_LOGGING__FORMAT", "text"),
             }
             gateway = start_tollgate(["serve", "--host", "127.0.0.1", "--port", str(port)], env)
             children.append(gateway)
@@ -159,8 +161,13 @@ OpenAI-compatible (any OpenAI SDK: base_url={base}/v1, api_key=the key above):
 
 Usage and spend (this key's account, by hour):
 
+  {base}/dashboard   (in a browser: sign in with the API key, or the admin token for every account)
   curl -sS {base}/client/v4/accounts/{account}/ai/usage -H "Authorization: Bearer {issued.secret_key}"
   {_tollgate_command()} usage --redis-url {redis_url} --tenant {account}
+
+Prometheus metrics (requests, latency, tokens, spend, workers); the access log is this terminal:
+
+  curl -sS {base}/metrics
 
 The workers as the gateway sees them (health, load, what each serves), and readiness:
 

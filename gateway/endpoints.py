@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -14,6 +13,7 @@ from billing import ApiKey
 from gateway.admit import admit, admit_request
 from gateway.deps import Dependencies
 from gateway.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, UnknownModelError
+from gateway.observe import EXPOSITION_TYPE, RequestFacts
 from gateway.openai_compat import OpenAiRequest, parse_chat, parse_completion
 from gateway.relay import Caller, Relay
 from gateway.route import CapacityError, Demand, NoWorkerError
@@ -31,6 +31,7 @@ async def run_model(request: Request) -> Relay:
     model = request.path_params["model"]
     if model not in deps.settings.models:
         raise UnknownModelError(model)
+    request.state.facts.model = model
     job = await _off_loop_if_large(await request.body(), deps, lambda raw: _parse_and_validate(raw, model, deps))
     return await _serve(request, key, job, deps, lambda job, request_id, started_at: WorkersAiShape(job))
 
@@ -72,6 +73,7 @@ async def _openai(
 ) -> Relay:
     deps: Dependencies = request.app.state.deps
     key = await _authenticate(request, deps, request.path_params.get("account_id"))
+    facts: RequestFacts = request.state.facts
 
     def parse_body_of(raw: bytes) -> OpenAiRequest:
         body = parse_body(raw)
@@ -80,6 +82,7 @@ async def _openai(
             raise InvalidRequestError("'/model' is required: the model to run, as GET /v1/models lists it")
         if model not in deps.settings.models:
             raise ModelNotFoundError(model)
+        facts.model = model
         default_max_tokens = deps.settings.models[model].default_max_tokens
         return parse(body, deps.openai_schemas, default_max_tokens, forbidden_text=deps.forbidden_text)
 
@@ -94,7 +97,10 @@ async def _openai(
 async def _authenticate(request: Request, deps: Dependencies, account_id: str | None) -> ApiKey:
     if deps.drain.draining:
         raise ShuttingDownError()
-    return await deps.auth.authenticate(request.headers, account_id, request.url.path, scope="inference")
+    key = await deps.auth.authenticate(request.headers, account_id, request.url.path, scope="inference")
+    facts: RequestFacts = request.state.facts
+    facts.tenant, facts.key_id = key.tenant, key.key_id
+    return key
 
 
 async def _off_loop_if_large(raw: bytes, deps: Dependencies, parse: Callable[[bytes], _Parsed]) -> _Parsed:
@@ -108,6 +114,8 @@ async def _off_loop_if_large(raw: bytes, deps: Dependencies, parse: Callable[[by
 async def _serve(request: Request, key: ApiKey, job: InferenceJob, deps: Dependencies, shape: _ShapeFactory) -> Relay:
     """Steps 3 to 8 for a validated job, the same on every route: capacity, admission, then the relay, which
     meters and bills in its own ``finally``."""
+    facts: RequestFacts = request.state.facts
+    facts.stream = job.stream
     _check_capacity(job, deps)
     admission = await admit(job, deps.settings.models[job.model], deps.counters[job.model])
     request_id = request.state.request_id
@@ -115,7 +123,7 @@ async def _serve(request: Request, key: ApiKey, job: InferenceJob, deps: Depende
     caller = Caller(
         request_id=request_id, tenant=key.tenant, key_id=key.key_id, started_at=started_at, headers=rate_headers
     )
-    return Relay(admission, caller, deps, shape(admission.job, request_id, started_at))
+    return Relay(admission, caller, deps, shape(admission.job, request_id, started_at), facts)
 
 
 def _parse_and_validate(raw: bytes, model: str, deps: Dependencies) -> InferenceJob:
@@ -177,6 +185,8 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this process."""
+    """Prometheus metrics of this replica (all its processes)."""
     deps: Dependencies = request.app.state.deps
-    return Response(generate_latest(deps.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    deps.sampler.sample()  # this process's view of the workers, as of now
+    body = await anyio.to_thread.run_sync(deps.metrics.exposition)  # multiprocess mode reads files
+    return Response(body, media_type=EXPOSITION_TYPE)

@@ -1,12 +1,16 @@
-"""Pure ASGI middleware: request id and body-size cap (no BaseHTTPMiddleware on the streaming path)."""
+"""Pure ASGI middleware: request id, metrics and access log, body-size cap (no BaseHTTPMiddleware on the streaming
+path)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, TollgateError, is_openai_path, render_error
+from gateway.logs import log_access
+from gateway.observe import GatewayMetrics, RequestFacts, route_label
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -34,6 +38,45 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class ObserveMiddleware:
+    """Counts and times every request by route, model and status class, and writes its access log line once the
+    last byte is sent (for an inference request, after its bill). Handlers fill in ``scope["state"]["facts"]``
+    (:class:`~gateway.observe.RequestFacts`): tenant, model, tokens, cost, first token. Sits inside
+    :class:`RequestIdMiddleware`."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        facts = RequestFacts(
+            request_id=state.get("request_id", ""), route=route_label(scope["path"]), started=time.perf_counter()
+        )
+        state["facts"] = facts
+        status = 500  # unless a response starts: an error escaping here becomes uvicorn's 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_flight = self.metrics.in_flight.labels(facts.route)
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            in_flight.dec()
+            finished = time.perf_counter()
+            self.metrics.record_request(facts, status, finished)
+            client = scope.get("client")
+            log_access(facts, scope["method"], scope["path"], status, client[0] if client else "", finished)
 
 
 class BodySizeLimitMiddleware:

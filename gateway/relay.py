@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,6 +48,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.meter import Meter, usage_headers
+from gateway.observe import RequestFacts
 from gateway.shapes import AnswerShape
 from gateway.upstream import Opened, WorkerCall, map_upstream_errors
 from gateway.validate import InferenceJob
@@ -81,9 +83,12 @@ class Caller:
 class Relay:
     """Serves one admitted request as an ASGI app, from the worker call to the bill."""
 
-    def __init__(self, admission: Admission, caller: Caller, deps: Dependencies, shape: AnswerShape) -> None:
+    def __init__(
+        self, admission: Admission, caller: Caller, deps: Dependencies, shape: AnswerShape, facts: RequestFacts
+    ) -> None:
         self.job = job = admission.job
         self.shape = shape  # the route's answer format (gateway/shapes.py)
+        self.facts = facts  # for the request's metrics and access log line
         self._prompt_tokens = admission.prompt_tokens
         self.caller = caller
         self.deps = deps
@@ -108,6 +113,9 @@ class Relay:
             if not self._client_gone:
                 await send(message)
 
+        streams = self.deps.metrics.streams_in_flight.labels(self.job.model) if self.job.stream else None
+        if streams is not None:
+            streams.inc()
         try:
             with self.deps.drain.track(self):
                 with cancel:
@@ -127,6 +135,8 @@ class Relay:
             raise
         finally:
             watcher.cancel()
+            if streams is not None:
+                streams.dec()
             # The bill runs in a task of its own: a plain task.cancel() (uvicorn's shutdown past its grace period)
             # can interrupt this await, but not the bill, and shutdown waits for pending bills (deps.aclose).
             bill = self.deps.bills.start(self._finish())
@@ -197,6 +207,7 @@ class Relay:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self._first_token_sent()
 
     # -- streaming ----------------------------------------------------------------------------------------------
 
@@ -287,12 +298,18 @@ class Relay:
                 frames += self.shape.tool_fragments(delta.fragments)
             if frames:
                 await send(_more(frames))
+                if self.facts.first_token is None:
+                    self._first_token_sent()
             # A chunk without text (half a character, a tool-call fragment) has nothing to wait for: its tokens
             # count now, as the worker generated them before any cut that may follow. Once the client is gone,
             # sending does nothing and every chunk still arriving counts.
             self.meter.delivered(delta.text)
             event = await anext(opened.events, None)
         return False
+
+    def _first_token_sent(self) -> None:
+        self.facts.first_token = time.perf_counter()
+        self.facts.worker_first_token_seconds = self._call.first_token_seconds
 
     def _unseen_text(self, stop_reason: str | None, tool_calls: list[dict[str, Any]]) -> str:
         """What the model generated that the text does not show, for the gateway's own count: the stop string that
@@ -350,10 +367,19 @@ class Relay:
             started_at=self.caller.started_at,
             duration_seconds=max(0.0, self.deps.clock() - self.caller.started_at),
         )
+        facts = self.facts
+        facts.outcome, facts.worker = record.status, self._call.worker_url
+        facts.prompt_tokens, facts.completion_tokens = record.prompt_tokens, record.completion_tokens
+        facts.cost_nano_usd = record.cost_nano_usd
         try:
-            await self.deps.durable_ledger.record(record)  # spools the record if Redis cannot take it
+            billed = await self.deps.durable_ledger.record(record)  # spools the record if Redis cannot take it
         except OSError:
             logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
+            return
+        if billed is None:  # spooled: the ledger has it once the spool is replayed
+            self.deps.metrics.redis_errors.labels("bill").inc()
+        if billed is not False:  # False: this request id was billed before, and is not counted again
+            self.deps.metrics.record_bill(record)
 
 
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

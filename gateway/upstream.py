@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
@@ -94,6 +95,8 @@ class WorkerCall:
         self.job = job
         self.worker: Worker | None = None
         self.response: httpx.Response | None = None  # the attempt's answer, once a worker took the request
+        self.first_token_seconds: float | None = None  # the serving worker's time to its first event (or answer)
+        self.worker_url = ""  # the serving worker's, kept after close()
         self._request_id = request_id
         self._settings: Settings = deps.settings
         self._http = deps.http
@@ -141,6 +144,7 @@ class WorkerCall:
             request = self._http.build_request(
                 "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
             )
+            attempt_started = time.perf_counter()
             try:
                 opened = await self._attempt(worker, request, accept)
             except _Retry as retry:
@@ -153,7 +157,8 @@ class WorkerCall:
             except BaseException:
                 self._pool.release(worker)
                 raise
-            self.worker = worker
+            self.first_token_seconds = time.perf_counter() - attempt_started
+            self.worker, self.worker_url = worker, worker.url
             self.response = opened.response
             return opened
         if not failures:  # the client left before any attempt

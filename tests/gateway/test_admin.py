@@ -1021,3 +1021,66 @@ async def test_admin_bad_json_is_400_in_admin_words(gw: Gateway) -> None:
     response = await gw.client.post("/admin/v1/keys", content=b'{"tenant":', headers=ADMIN)
     message = assert_error(response, 400, 5006, "the body is not valid JSON")
     assert "AiError" not in message
+
+
+# -- 8. who the bearer is -------------------------------------------------------------------------------------------
+
+VERIFY_PATHS = ["/client/v4/user/tokens/verify", "/user/tokens/verify"]
+
+
+@pytest.mark.parametrize("path", VERIFY_PATHS)
+async def test_verify_a_key_shows_its_id_account_name_and_scopes(gw: Gateway, path: str) -> None:
+    key = await new_key(gw, TENANT, name="dashboard", scopes=["usage:read", "inference"])
+    identity = result_of(await gw.client.get(path, headers=bearer(key["key"])))
+    assert identity == {
+        "id": key["id"],
+        "status": "active",
+        "expires_on": None,
+        "account_id": TENANT,
+        "name": "dashboard",
+        "scopes": ["inference", "usage:read"],
+    }
+    assert key["key"] not in json.dumps(identity)
+
+
+async def test_verify_needs_no_particular_scope(gw: Gateway) -> None:
+    for scopes in (["inference"], ["usage:read"], ["admin"]):
+        key = await new_key(gw, OTHER, scopes=scopes)
+        identity = result_of(await gw.client.get(VERIFY_PATHS[0], headers=bearer(key["key"])))
+        assert identity["scopes"] == scopes and identity["account_id"] == OTHER and identity["id"] == key["id"]
+
+
+async def test_verify_the_admin_token_is_the_operator_without_an_account(gw: Gateway) -> None:
+    for path in VERIFY_PATHS:
+        assert result_of(await gw.client.get(path, headers=ADMIN)) == {
+            "id": "admin-token",
+            "status": "active",
+            "expires_on": None,
+            "account_id": None,
+            "name": "bootstrap admin token",
+            "scopes": ["admin"],
+        }
+
+
+async def test_verify_shows_the_expiry_in_iso_8601_utc(gw: Gateway) -> None:
+    key = await new_key(gw, TENANT, expires_at="2099-01-01T00:00:00Z")
+    identity = result_of(await gw.client.get(VERIFY_PATHS[0], headers=bearer(key["key"])))
+    assert identity["expires_on"] == "2099-01-01T00:00:00Z" and identity["status"] == "active"
+
+
+async def test_verify_a_missing_bad_revoked_or_expired_key_is_401(gw: Gateway) -> None:
+    revoked = await new_key(gw, TENANT)
+    result_of(await gw.client.delete(f"/admin/v1/keys/{revoked['id']}", headers=ADMIN))
+    expiring = await new_key(gw, TENANT, expires_in_seconds=0.2)
+    assert (await gw.client.get(VERIFY_PATHS[0], headers=bearer(expiring["key"]))).status_code == 200
+    await asyncio.sleep(0.25)
+    for authorization in [*BAD_AUTHORIZATIONS, f"Bearer {revoked['key']}", f"Bearer {expiring['key']}"]:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        for path in VERIFY_PATHS:
+            assert_error(await gw.client.get(path, headers=headers), 401, 10000, "Authentication error")
+
+
+async def test_verify_with_redis_down_is_503_5530(dead_gw: Gateway) -> None:
+    response = await dead_gw.client.get(VERIFY_PATHS[0], headers=bearer("tg_aaaaaaaaaaaa_" + "A" * 43))
+    assert_error(response, 503, 5530)
+    assert result_of(await dead_gw.client.get(VERIFY_PATHS[0], headers=ADMIN))["id"] == "admin-token"
