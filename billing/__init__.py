@@ -39,7 +39,7 @@ from billing.reports import (
     parse_time,
     usage_report,
 )
-from billing.spool import DurableLedger, Spool
+from billing.spool import BillOutcome, DurableLedger, Spool
 from billing.tokens import (
     ChatTemplateError,
     Tokenizer,
@@ -56,6 +56,7 @@ __all__ = [
     "SCOPES",
     "AdmissionDecision",
     "ApiKey",
+    "BillOutcome",
     "Budgets",
     "BuiltinLlama31Template",
     "ChatTemplate",

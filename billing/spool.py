@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, Literal
 
 import anyio.to_thread
 from redis.exceptions import RedisError, ResponseError
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SUFFIX: Final = ".jsonl"
 REJECTED_SUFFIX: Final = ".rejected"  # records the ledger script refuses: kept for an operator, never replayed
+BillOutcome = Literal["billed", "duplicate", "spooled", "refused"]
 
 
 class Spool:
@@ -143,15 +144,18 @@ class DurableLedger:
         self.spooled_total = 0  # records this process had to spool
         self.replayed_total = 0  # records this process replayed into the ledger (new or already there)
 
-    async def record(self, record: UsageRecord) -> bool | None:
-        """Bill ``record``: ``True`` if new, ``False`` if its request id was already billed, ``None`` if spooled."""
+    async def record(self, record: UsageRecord) -> BillOutcome:
+        """Bill ``record``. Returns ``"billed"``, or ``"duplicate"`` when its request id was billed already (by an
+        earlier attempt of this same write whose reply was lost to a timeout, since request ids are never reused),
+        ``"spooled"`` when Redis could not take it now (it is replayed later), or ``"refused"`` when the ledger
+        script refuses it (set aside for an operator, never billed)."""
         try:
-            return await self.ledger.record(record)
+            return "billed" if await self.ledger.record(record) else "duplicate"
         except ResponseError as exc:
             if is_refusal(exc):
                 logger.error("the ledger refuses the bill of %s (%s): set aside: %r", record.request_id, exc, record)
                 await anyio.to_thread.run_sync(self.spool.reject, record, str(exc))
-                return None
+                return "refused"
             logger.warning("ledger cannot write now (%r); spooling the bill of %s", exc, record.request_id)
         except (RedisError, OSError) as exc:
             logger.warning("ledger unreachable (%r); spooling the bill of %s", exc, record.request_id)
@@ -160,7 +164,7 @@ class DurableLedger:
         self.start()
         assert self._wake is not None
         self._wake.set()
-        return None
+        return "spooled"
 
     def start(self) -> None:
         """Start the background replayer (idempotent; needs a running event loop)."""

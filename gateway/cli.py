@@ -201,15 +201,19 @@ def _metrics_directory(workers: int) -> Iterator[None]:
     """Several processes serve one port, and a scrape reaches any one of them: they keep their metrics in files of
     one directory (prometheus-client's multiprocess mode), which every process sums when scraped. The directory is
     ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied first: old values would count again), else a temporary one. Its
-    variable must be set before the processes import prometheus-client: uvicorn starts them afresh."""
+    variable must be set before the processes import prometheus-client: uvicorn starts them afresh. (Set but empty,
+    it already chose multiprocess mode for this process, which then needs a directory too.)"""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
-        for stale in Path(given).glob("*.db"):
+        directory = Path(given)
+        if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+            raise SettingsError(f"PROMETHEUS_MULTIPROC_DIR={given}: not a writable directory")
+        for stale in directory.glob("*.db"):
             stale.unlink()
         yield
-    elif workers > 1:
-        with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as directory:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    elif workers > 1 or given is not None:
+        with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as temporary:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = temporary
             try:
                 yield
             finally:

@@ -102,8 +102,8 @@ class Dependencies:
         await self.reloader.aclose()
         await self.monitor.aclose()
         await self.bills.drain(timeout_seconds=30)
-        await self.sampler.aclose()
         await self.durable_ledger.aclose()
+        await self.sampler.aclose()  # after the spool's last replay, so that its counts are published
         await self.http.aclose()
         await self.redis.aclose()
 

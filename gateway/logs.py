@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 from typing import Any, Final
 
 from config import LoggingSettings
@@ -17,6 +18,7 @@ from gateway.observe import RequestFacts
 
 ACCESS_LOGGER: Final = "tollgate.access"
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def logging_config(settings: LoggingSettings) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def log_access(facts: RequestFacts, method: str, path: str, status: int, client:
         "worker": facts.worker or None,
         "client": client,
     }
-    summary = f"{method} {path} {status} {duration_ms} ms"
+    summary = f"{method} {_printable(path)} {status} {duration_ms} ms"
     if facts.tenant:
         summary += f" tenant={facts.tenant}"
     if facts.prompt_tokens is not None:
@@ -92,6 +94,11 @@ def log_access(facts: RequestFacts, method: str, path: str, status: int, client:
     if facts.outcome:
         summary += f" outcome={facts.outcome}"
     logger.info(summary, extra=fields)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a path like ``/x%0Afake`` must not forge a line in a text log."""
+    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _ms(seconds: float) -> float:

@@ -10,9 +10,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, TollgateError, is_openai_path, render_error
 from gateway.logs import log_access
-from gateway.observe import GatewayMetrics, RequestFacts, route_label
+from gateway.observe import GatewayMetrics, RequestFacts, route_label, safe_observe
 
 REQUEST_ID_HEADER = b"x-request-id"
+CLIENT_CLOSED_REQUEST = 499  # the status logged and counted for a client that left before any response
 
 
 class RequestIdMiddleware:
@@ -59,7 +60,7 @@ class ObserveMiddleware:
             request_id=state.get("request_id", ""), route=route_label(scope["path"]), started=time.perf_counter()
         )
         state["facts"] = facts
-        status = 500  # unless a response starts: an error escaping here becomes uvicorn's 500
+        status: int | None = None
 
         async def observed_send(message: Message) -> None:
             nonlocal status
@@ -68,15 +69,19 @@ class ObserveMiddleware:
             await send(message)
 
         in_flight = self.metrics.in_flight.labels(facts.route)
-        in_flight.inc()
+        safe_observe(in_flight.inc)
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            in_flight.dec()
+            safe_observe(in_flight.dec)
+            if status is None:  # no response: the client left first (499, as nginx logs it), or an error escaped
+                status = CLIENT_CLOSED_REQUEST if facts.outcome == "client_disconnected" else 500
             finished = time.perf_counter()
-            self.metrics.record_request(facts, status, finished)
+            safe_observe(self.metrics.record_request, facts, status, finished)
             client = scope.get("client")
-            log_access(facts, scope["method"], scope["path"], status, client[0] if client else "", finished)
+            safe_observe(
+                log_access, facts, scope["method"], scope["path"], status, client[0] if client else "", finished
+            )
 
 
 class BodySizeLimitMiddleware:

@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -67,6 +68,15 @@ _REFUSALS: Final = {
     "budget_key": "budget_key",
     "budget_tenant": "budget_tenant",
 }
+
+
+def safe_observe(record: Callable[..., object], *args: object) -> None:
+    """Run one metric or log call. Telemetry must never break a request or stop a bill: a failure is logged, never
+    raised. Every metric and access-log call on the request path goes through here."""
+    try:
+        record(*args)
+    except Exception:
+        logger.exception("telemetry failed: %s", getattr(record, "__qualname__", record))
 
 
 def route_label(path: str) -> str:
@@ -296,6 +306,7 @@ class ProcessSampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        safe_observe(self._publish_spool_counts)  # what the last moments spooled and replayed
         if self._metrics.multiprocess_dir is not None:  # this process's live gauges leave the sums
             multiprocess.mark_process_dead(os.getpid(), self._metrics.multiprocess_dir)
 
@@ -313,11 +324,19 @@ class ProcessSampler:
                 if worker.ejections > published:
                     metrics.worker_ejections.labels(*key).inc(worker.ejections - published)
                 self._workers[key] = (worker, worker.ejections)
-        for key in set(self._workers) - seen:  # removed by a pool reload: no longer taking requests here
+        for key in set(self._workers) - seen:  # removed by a pool reload: not a worker any more, nor a down one
             del self._workers[key]
-            metrics.worker_up.labels(*key).set(0.0)
-            metrics.worker_in_flight.labels(*key).set(0)
+            self._forget(key)
         self._publish_spool_counts()
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        metrics = self._metrics
+        if metrics.multiprocess_dir is None:
+            for metric in (metrics.worker_up, metrics.worker_in_flight, metrics.worker_ejections):
+                metric.remove(*key)
+        else:  # the processes' files keep every series: NaN marks it as no value (neither up nor down)
+            metrics.worker_up.labels(*key).set(math.nan)
+            metrics.worker_in_flight.labels(*key).set(0)
 
     def _publish_spool_counts(self) -> None:
         spooled, replayed = self._durable.spooled_total, self._durable.replayed_total
@@ -330,10 +349,7 @@ class ProcessSampler:
 
     async def _run(self) -> None:
         while True:
-            try:
-                self.sample()
-            except Exception:  # a metrics glitch must never end the sampling
-                logger.exception("cannot publish this process's worker metrics")
+            safe_observe(self.sample)
             await asyncio.sleep(self._interval)
 
     def _clear_dead_processes(self) -> None:

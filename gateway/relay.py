@@ -48,7 +48,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.meter import Meter, usage_headers
-from gateway.observe import RequestFacts
+from gateway.observe import RequestFacts, safe_observe
 from gateway.shapes import AnswerShape
 from gateway.upstream import Opened, WorkerCall, map_upstream_errors
 from gateway.validate import InferenceJob
@@ -115,7 +115,7 @@ class Relay:
 
         streams = self.deps.metrics.streams_in_flight.labels(self.job.model) if self.job.stream else None
         if streams is not None:
-            streams.inc()
+            safe_observe(streams.inc)
         try:
             with self.deps.drain.track(self):
                 with cancel:
@@ -135,11 +135,11 @@ class Relay:
             raise
         finally:
             watcher.cancel()
-            if streams is not None:
-                streams.dec()
             # The bill runs in a task of its own: a plain task.cancel() (uvicorn's shutdown past its grace period)
             # can interrupt this await, but not the bill, and shutdown waits for pending bills (deps.aclose).
             bill = self.deps.bills.start(self._finish())
+            if streams is not None:
+                safe_observe(streams.dec)
             with anyio.CancelScope(shield=True):
                 await asyncio.shield(bill)
 
@@ -328,7 +328,7 @@ class Relay:
                 self._prompt_tokens = await self._count_prompt()
             settlement = settle_usage(delivery, lambda: self._prompt_tokens or 0, self.deps.tokenizer.count)
             for kind in settlement.mismatches:
-                self.deps.metrics.token_count_mismatches.labels(self.job.model, kind).inc()
+                safe_observe(self.deps.metrics.token_count_mismatches.labels(self.job.model, kind).inc)
                 logger.warning(
                     "worker's %s count for %s differs from ours (worker: %s prompt, %s completion tokens)",
                     kind,
@@ -368,18 +368,24 @@ class Relay:
             duration_seconds=max(0.0, self.deps.clock() - self.caller.started_at),
         )
         facts = self.facts
-        facts.outcome, facts.worker = record.status, self._call.worker_url
-        facts.prompt_tokens, facts.completion_tokens = record.prompt_tokens, record.completion_tokens
-        facts.cost_nano_usd = record.cost_nano_usd
+        facts.worker = self._call.worker_url
         try:
             billed = await self.deps.durable_ledger.record(record)  # spools the record if Redis cannot take it
         except OSError:
             logger.critical("cannot bill %r: Redis and the spool both failed", record, exc_info=True)
+            facts.outcome = "not_billed"
             return
-        if billed is None:  # spooled: the ledger has it once the spool is replayed
-            self.deps.metrics.redis_errors.labels("bill").inc()
-        if billed is not False:  # False: this request id was billed before, and is not counted again
-            self.deps.metrics.record_bill(record)
+        if billed == "refused":  # set aside for an operator: not in the ledger, so not in the metrics either
+            facts.outcome = "not_billed"
+            return
+        facts.outcome = record.status
+        facts.prompt_tokens, facts.completion_tokens = record.prompt_tokens, record.completion_tokens
+        facts.cost_nano_usd = record.cost_nano_usd
+        if billed == "spooled":  # the ledger has it once the spool is replayed
+            safe_observe(self.deps.metrics.redis_errors.labels("bill").inc)
+        # "duplicate" too: request ids are never reused, so only this bill's own earlier attempt (a reply lost to a
+        # timeout, then retried) can have written it, and the ledger holds it once.
+        safe_observe(self.deps.metrics.record_bill, record)
 
 
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

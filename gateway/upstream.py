@@ -105,6 +105,7 @@ class WorkerCall:
         self._served_name = model.served_name
         self._client_gone = client_gone
         self._accepted = False
+        self._accept_seconds = 0.0  # of the current attempt: the time its accept() took
         affinity = _affinity(job) if deps.settings.routing.prefix_affinity else None
         self.demand = Demand(model.served_name, model.context_window_tokens, job.lora, affinity)
 
@@ -144,7 +145,7 @@ class WorkerCall:
             request = self._http.build_request(
                 "POST", worker.url + path, content=content, headers=headers, timeout=self._timeout()
             )
-            attempt_started = time.perf_counter()
+            attempt_started, self._accept_seconds = time.perf_counter(), 0.0
             try:
                 opened = await self._attempt(worker, request, accept)
             except _Retry as retry:
@@ -157,7 +158,8 @@ class WorkerCall:
             except BaseException:
                 self._pool.release(worker)
                 raise
-            self.first_token_seconds = time.perf_counter() - attempt_started
+            # The worker's own time: sending the stream's headers to the client (``accept``) is the gateway's.
+            self.first_token_seconds = time.perf_counter() - attempt_started - self._accept_seconds
             self.worker, self.worker_url = worker, worker.url
             self.response = opened.response
             return opened
@@ -196,7 +198,9 @@ class WorkerCall:
                 self.response = response  # a client leaving from now on is a hang-up: read what the worker sent
                 if not self._accepted:
                     self._accepted = True
+                    accepting = time.perf_counter()
                     await accept()
+                    self._accept_seconds = time.perf_counter() - accepting
             opened = await (self._first_event(response) if self.job.stream else self._whole_answer(response))
         except _Retry as retry:
             await response.aclose()

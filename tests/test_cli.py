@@ -132,3 +132,10 @@ def test_cli_keys_revoke_given_a_whole_key_points_to_the_key_id(redis_url: str) 
         [*TOLLGATE, "keys", "revoke", key, "--redis-url", redis_url], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "pass the key id, here abcdefghijkl" in result.stderr
+
+
+def test_cli_serve_with_a_missing_metrics_directory_says_so() -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": "/nonexistent/tollgate-metrics"}
+    result = subprocess.run([*TOLLGATE, "serve", "--workers", "2"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "PROMETHEUS_MULTIPROC_DIR=/nonexistent/tollgate-metrics: not a writable directory" in result.stderr

@@ -49,7 +49,7 @@ def durable(redis: Redis, directory: Path, interval: float = 60.0) -> DurableLed
 async def spool_with_redis_down(dead_redis: Redis, directory: Path, records: list[UsageRecord]) -> None:
     """Bill ``records`` while Redis is down, as the gateway would, and stop that process's replayer."""
     down = durable(dead_redis, directory)
-    assert [await down.record(record) for record in records] == [None] * len(records)
+    assert [await down.record(record) for record in records] == ["spooled"] * len(records)
     assert down.spooled_total == len(records)
     await down.aclose()  # its last replay attempt fails quietly: the files stay
 
@@ -137,8 +137,8 @@ def test_spool_depth_counts_every_file_and_reports_the_oldest_start(tmp_path: Pa
 async def test_durable_ledger_spools_when_redis_is_down_instead_of_raising(dead_redis: Redis, tmp_path: Path) -> None:
     ledger = durable(dead_redis, tmp_path)
     try:
-        assert await ledger.record(usage_record("r1", started_at=500.0)) is None
-        assert await ledger.record(usage_record("r2", started_at=400.0)) is None
+        assert await ledger.record(usage_record("r1", started_at=500.0)) == "spooled"
+        assert await ledger.record(usage_record("r2", started_at=400.0)) == "spooled"
         assert ledger.spooled_total == 2 and ledger.replayed_total == 0
         assert ledger.spool.depth() == (2, 400.0)
         assert await ledger.replay() is False  # still down: the file stays
@@ -243,7 +243,7 @@ async def test_a_record_the_ledger_refuses_does_not_hold_back_the_bills_after_it
 
 async def test_a_record_the_ledger_refuses_is_set_aside_not_spooled(redis: Redis, tmp_path: Path) -> None:
     ledger = durable(redis, tmp_path)
-    assert await ledger.record(usage_record("bad", completion_tokens=-3)) is None
+    assert await ledger.record(usage_record("bad", completion_tokens=-3)) == "refused"
     assert ledger.spool.files() == [] and ledger.spooled_total == 0
     [line] = rejected_lines(tmp_path)
     assert line["record"]["completion_tokens"] == -3
@@ -251,9 +251,9 @@ async def test_a_record_the_ledger_refuses_is_set_aside_not_spooled(redis: Redis
 
 async def test_aclose_right_after_a_spooled_bill_returns(dead_redis: Redis, tmp_path: Path) -> None:
     ledger = durable(dead_redis, tmp_path)
-    assert await ledger.record(usage_record("r1")) is None
+    assert await ledger.record(usage_record("r1")) == "spooled"
     await asyncio.sleep(0.1)  # the replayer tried, failed, and now waits for its next wake-up
-    assert await ledger.record(usage_record("r2")) is None  # wakes it ...
+    assert await ledger.record(usage_record("r2")) == "spooled"  # wakes it ...
     closing = asyncio.create_task(ledger.aclose())  # ... and the shutdown cancels it at once
     try:
         done, _ = await asyncio.wait({closing}, timeout=1)
@@ -282,3 +282,10 @@ async def test_a_file_being_created_is_never_deleted_by_another_processs_replaye
     monkeypatch.undo()
     writer.seal()
     assert writer.depth()[0] == 1
+
+
+async def test_a_bill_written_twice_is_billed_once_and_says_so(redis: Redis, tmp_path: Path) -> None:
+    ledger = durable(redis, tmp_path)
+    assert await ledger.record(usage_record("r1")) == "billed"
+    assert await ledger.record(usage_record("r1")) == "duplicate"  # e.g. a retry after a lost reply
+    assert await requests_billed(redis) == 1 and ledger.spooled_total == 0

@@ -42,9 +42,15 @@ GRAFANA_10_AND_11_SCHEMAS = range(38, 42)
 # Grafana's range macros, replaced by durations so the query parses as plain PromQL.
 GRAFANA_RANGE_MACROS = {"$__rate_interval": "1m", "$__range": "6h"}
 COUNTER_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+MATCH_OPS = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
+# The query variables, in the order Grafana shows them after the data source; each panel query follows them.
+QUERY_VARIABLES = ("job", "model", "instance")
+# The job the dashboard opens on: the one docker-compose's Prometheus scrapes the gateway as.
+DEFAULT_JOB = "tollgate"
 UNITS = frozenset({"reqps", "s", "currencyUSD", "short", "percentunit", "ops"})
 
 DASHBOARD = load_dashboard()
+VARIABLES = {variable["name"]: variable for variable in DASHBOARD["templating"]["list"]}
 PANELS = [panel for panel in iter_panels(DASHBOARD) if panel["type"] != "row"]
 EXPRS = panel_exprs(DASHBOARD)
 
@@ -61,13 +67,25 @@ def nodes(expr: promql_parser.Expr) -> list[promql_parser.Expr]:
     return found
 
 
-def selectors(expr: promql_parser.Expr) -> list[tuple[str, set[tuple[str, str]]]]:
-    """Each metric selector in ``expr``: its name and its ``(label, value)`` matchers."""
+def selectors(expr: promql_parser.Expr) -> list[tuple[str, set[tuple[str, str, str]]]]:
+    """Each metric selector in ``expr``: its name and its ``(label, op, value)`` matchers, op as written."""
     return [
-        (node.name or "", {(m.name, m.value) for m in node.matchers.matchers})
+        (node.name or "", {(m.name, MATCH_OPS[str(m.op)], m.value) for m in node.matchers.matchers})
         for node in nodes(expr)
         if isinstance(node, promql_parser.VectorSelector)
     ]
+
+
+def variable_selector(query: str) -> tuple[str, set[tuple[str, str, str]]]:
+    """The series selector of a ``label_values(selector, label)`` variable query, parsed as PromQL."""
+    match = re.fullmatch(r"label_values\((.+), *\w+\)", query)
+    assert match, query
+    [selector] = selectors(promql_parser.parse(match[1]))
+    return selector
+
+
+def job_matchers(matchers: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    return {matcher for matcher in matchers if matcher[0] == "job"}
 
 
 def ranged_names(expr: promql_parser.Expr) -> list[str]:
@@ -158,7 +176,7 @@ def test_dashboard_queries_use_only_labels_the_metrics_carry() -> None:
     for expr in EXPRS:
         parsed = as_promql(expr)
         for name, matchers in selectors(parsed):
-            assert {label for label, _ in matchers} <= GATEWAY_METRIC_LABELS[name] | SCRAPE_LABELS, expr
+            assert {label for label, _, _ in matchers} <= GATEWAY_METRIC_LABELS[name] | SCRAPE_LABELS, expr
         for labels, inner in groupings(parsed):
             assert labels <= SCRAPE_LABELS.union(*(GATEWAY_METRIC_LABELS[name] for name in inner)), expr
 
@@ -179,28 +197,54 @@ def test_dashboard_ranges_come_from_grafana() -> None:
 
 
 def test_dashboard_variables_default_to_the_provisioned_datasource() -> None:
-    variables = {variable["name"]: variable for variable in DASHBOARD["templating"]["list"]}
-    assert set(variables) == {"datasource", "model", "instance"}
-    source = variables["datasource"]
+    assert list(VARIABLES) == ["datasource", *QUERY_VARIABLES]
+    source = VARIABLES["datasource"]
     provisioned = load_yaml(PROVISIONING_DIR / "datasources" / "prometheus.yaml")["datasources"]
     assert (source["type"], source["query"]) == ("datasource", "prometheus")
     assert source["current"]["value"] == "prometheus" == provisioned[0]["uid"]
-    for name in ("model", "instance"):
-        assert variables[name]["datasource"] == {"type": "prometheus", "uid": DATASOURCE_VARIABLE}
-        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+    for name in QUERY_VARIABLES:
+        variable = VARIABLES[name]
+        assert variable["type"] == "query", name
+        assert variable["datasource"] == {"type": "prometheus", "uid": DATASOURCE_VARIABLE}, name
+        assert variable["definition"] == variable["query"], name
     labels = [
-        re.fullmatch(r"label_values\((tollgate_\w+)\{.*\}, *(\w+)\)", query) for query in variable_queries(DASHBOARD)
+        re.fullmatch(r"label_values\((tollgate_\w+)(?:\{.*\})?, *(\w+)\)", q) for q in variable_queries(DASHBOARD)
     ]
-    assert [match and match[2] for match in labels] == ["model", "instance"]
+    assert [match and match[2] for match in labels] == list(QUERY_VARIABLES)
 
 
-@pytest.mark.parametrize("variable", ["model", "instance"])
+def test_dashboard_job_variable_lists_the_jobs_and_defaults_to_tollgate() -> None:
+    """Under kube-prometheus-stack the job is named after the Service, so the dashboard lets the viewer pick it."""
+    job = VARIABLES["job"]
+    assert variable_selector(job["query"]) == ("tollgate_requests_total", set())
+    assert not job["multi"] and not job["includeAll"]
+    assert (job["current"]["text"], job["current"]["value"]) == (DEFAULT_JOB, DEFAULT_JOB)
+
+
+@pytest.mark.parametrize("name", ["model", "instance"])
+def test_dashboard_model_and_instance_variables_list_the_chosen_jobs_values(name: str) -> None:
+    variable = VARIABLES[name]
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+    metric, matchers = variable_selector(variable["query"])
+    assert metric == "tollgate_requests_total"
+    assert matchers == {("job", "=~", "$job")}, variable["query"]
+
+
+def test_dashboard_queries_never_hard_code_a_job() -> None:
+    for expr in EXPRS:
+        for _, matchers in selectors(as_promql(expr)):
+            assert job_matchers(matchers) == {("job", "=~", "$job")}, expr
+    for query in variable_queries(DASHBOARD):
+        _, matchers = variable_selector(query)
+        assert job_matchers(matchers) <= {("job", "=~", "$job")}, query
+
+
+@pytest.mark.parametrize("variable", QUERY_VARIABLES)
 def test_dashboard_queries_select_the_job_and_follow_the_variables(variable: str) -> None:
     for expr in EXPRS:
         for name, matchers in selectors(as_promql(expr)):
-            assert ("job", "tollgate") in matchers, expr
             if variable in GATEWAY_METRIC_LABELS[name] | SCRAPE_LABELS:
-                assert (variable, f"${variable}") in matchers, expr
+                assert (variable, "=~", f"${variable}") in matchers, expr
 
 
 def test_grafana_datasource_provisioning_points_at_prometheus() -> None:
@@ -229,6 +273,7 @@ def test_prometheus_scrapes_the_gateway_as_the_job_the_dashboard_queries() -> No
     assert jobs["tollgate"]["scrape_interval"] == "15s"
     assert jobs["workers"]["static_configs"] == [{"targets": ["worker-1:8000", "worker-2:8000"]}]
     assert all(job["metrics_path"] == "/metrics" for job in jobs.values())
+    assert VARIABLES["job"]["current"]["value"] == DEFAULT_JOB in jobs
 
 
 def test_helm_chart_ships_the_dashboard_to_the_grafana_sidecar() -> None:

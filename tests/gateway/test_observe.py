@@ -3,26 +3,53 @@ money equal to the ledger's; latency histograms; refusals; workers; Redis errors
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from billing import KeyLimits, Tokenizer
-from config import LoggingSettings
+from billing import DurableLedger, KeyLimits, Ledger, Retention, Spool, Tokenizer
+from config import LoggingSettings, WorkerSettings
 from gateway._processes import free_port
 from gateway.logs import ACCESS_LOGGER, logging_config
-from gateway.observe import route_label
-from tests.conftest import FP8_MODEL, MODEL, TENANT, Gateway, SimWorker, gateway_for, sim_worker
+from gateway.observe import GatewayMetrics, ProcessSampler, route_label
+from gateway.route import WorkerPool
+from tests.conftest import (
+    FP8_MODEL,
+    MODEL,
+    TENANT,
+    Gateway,
+    SimWorker,
+    gateway_for,
+    make_settings,
+    sim_worker,
+    wait_for,
+)
 from tests.grafana import DASHBOARD_PATH, GATEWAY_METRIC_LABELS, GATEWAY_METRIC_NAMES, dashboard_metric_names
 from tests.promtext import Sample, label_values, samples, total
 
 CHAT = {"messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 20}
 ROUTES = {"native", "openai_chat", "openai_completions", "models", "usage", "admin", "dashboard", "health", "metrics"}
+
+
+async def scrape_until(gateway: Gateway, name: str, count: float) -> list[Sample]:
+    """A live server records a request's metrics just after its last byte (and its bill): scrape until ``name``
+    sums to ``count``."""
+    for _ in range(100):
+        page = await scrape(gateway)
+        if total(page, name) >= count:
+            return page
+        await asyncio.sleep(0.02)
+    return page
 
 
 async def scrape(gateway: Gateway) -> list[Sample]:
@@ -125,7 +152,7 @@ async def test_streams_observe_the_time_to_first_token_and_what_the_gateway_adde
             in_flight = total(await scrape(gw), "tollgate_streams_in_flight", model=MODEL)
             await stream.aread()
         assert (await gw.run(CHAT)).status_code == 200
-        page = await scrape(gw)
+        page = await scrape_until(gw, "tollgate_gateway_added_latency_seconds_count", 2)  # recorded after the bill
     assert in_flight == 1
     assert total(page, "tollgate_time_to_first_token_seconds_count", route="native", model=MODEL) == 1  # streams only
     assert total(page, "tollgate_gateway_added_latency_seconds_count", route="native", model=MODEL) == 2
@@ -259,3 +286,52 @@ async def test_the_grafana_dashboard_queries_only_what_the_gateway_exports(gatew
     for name, labels in exported.items():
         assert labels <= GATEWAY_METRIC_LABELS[name], name
     assert dashboard_metric_names(DASHBOARD_PATH) <= set(exported)
+
+
+async def test_a_client_that_leaves_before_the_answer_is_counted_as_499_not_as_a_gateway_error(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        sim_worker(tokenizer, tokens_per_second=20, time_to_first_token_seconds=0, completion_tokens=40) as slow,
+        gateway_for(redis_url, tokenizer, [slow.url], live=True) as gw,
+    ):
+        with pytest.raises(httpx.ReadTimeout):
+            await gw.client.post(gw.run_path(), json=CHAT, headers=gw.auth, timeout=0.3)
+        await wait_for(lambda: any(record.name == ACCESS_LOGGER for record in caplog.records), timeout_seconds=5)
+        page = await scrape(gw)
+    [line] = [vars(record) for record in caplog.records if record.name == ACCESS_LOGGER and "/ai/run/" in record.path]
+    assert (line["status"], line["outcome"]) == (499, "client_disconnected")
+    assert total(page, "tollgate_requests_total", route="native", status_class="4xx") == 1
+    assert total(page, "tollgate_requests_total", route="native", status_class="5xx") == 0
+    assert total(page, "tollgate_billed_requests_total", outcome="client_disconnected") == 1
+
+
+async def test_a_text_log_line_cannot_be_forged_through_the_path(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert (await gateway.client.get("/x%0A2026-01-01 INFO forged%1B[31m")).status_code == 404
+    [line] = [record for record in caplog.records if record.name == ACCESS_LOGGER]
+    assert line.path == "/x\n2026-01-01 INFO forged\x1b[31m"  # the structured field keeps it (JSON escapes it)
+    message = line.getMessage()
+    assert "\n" not in message and "\x1b" not in message and "/x\\x0a2026-01-01 INFO forged\\x1b[31m" in message
+
+
+def test_a_worker_removed_from_its_pool_leaves_the_metrics(tokenizer: Tokenizer) -> None:
+    settings = make_settings("redis://127.0.0.1:9/0", ["http://a:8000", "http://b:8000"])
+    metrics = GatewayMetrics(CollectorRegistry())
+    pool = WorkerPool("bf16", settings.pools["bf16"].workers, settings.routing)
+    ledger = Ledger(Redis.from_url("redis://127.0.0.1:9/0"), Retention())
+    durable = DurableLedger(ledger, Spool(Path(tempfile.mkdtemp())), replay_interval_seconds=1)
+    sampler = ProcessSampler(metrics, {"bf16": pool}, durable, interval_seconds=1)
+    sampler.sample()
+    assert label_values(samples(metrics.exposition().decode()), "tollgate_worker_up", "worker") == {
+        "http://a:8000",
+        "http://b:8000",
+    }
+    pool.reload([WorkerSettings(url="http://a:8000")])
+    sampler.sample()
+    page = samples(metrics.exposition().decode())
+    assert label_values(page, "tollgate_worker_up", "worker") == {"http://a:8000"}
+    assert label_values(page, "tollgate_worker_in_flight", "worker") == {"http://a:8000"}
