@@ -18,11 +18,13 @@ request's timestamp, which dates its bill. Redis layout::
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
 from typing import Final
 
 from redis.asyncio import Redis
 
+from billing._pipelined import hget_each
 from billing.ledger import tenant_key
 
 _FIELD: Final = "monthly_nano_usd"
@@ -73,6 +75,11 @@ class Budgets:
         """The tenant's cap in nano-dollars (``None``: no cap), and whether it is the configured default."""
         return self._decode_cap(await self._redis.hget(_budget_key(tenant), _FIELD))
 
+    async def tenant_budgets(self, tenants: Sequence[str]) -> list[tuple[int | None, bool]]:
+        """:meth:`tenant_budget` of each of ``tenants``, in order, read in pipelines of 1,000 tenants."""
+        stored = await hget_each(self._redis, [(_budget_key(tenant), _FIELD) for tenant in tenants])
+        return [self._decode_cap(value) for value in stored]
+
     async def set_tenant_budget(self, tenant: str, nano_usd: int | None) -> None:
         """Set the tenant's monthly cap; ``None`` removes any cap (the configured default included)."""
         if nano_usd is not None and nano_usd < 0:
@@ -83,7 +90,7 @@ class Budgets:
         """Go back to the configured default cap."""
         await self._redis.hdel(_budget_key(tenant), _FIELD)
 
-    def _decode_cap(self, stored: bytes | None) -> tuple[int | None, bool]:
+    def _decode_cap(self, stored: bytes | str | None) -> tuple[int | None, bool]:
         if stored is None:
             return self._default, True
         return (int(stored) if stored else None), False

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Final
 
 from redis.asyncio import Redis
+
+from billing._pipelined import hget_each
 
 COUNTER_FIELDS: Final = ("requests", "prompt_tokens", "completion_tokens", "cost_nano_usd", "errors")
 
@@ -194,6 +197,11 @@ class Ledger:
         """Nano-dollars ``tenant`` (or one of its keys) spent in ``month`` (``YYYYMM``, UTC)."""
         value = await self._redis.hget(spend_key(tenant, month), "total" if key_id is None else f"key:{key_id}")
         return int(value or 0)
+
+    async def month_spends(self, tenants: Sequence[str], month: str) -> list[int]:
+        """:meth:`month_spend` of each of ``tenants`` in ``month``, in order, read in pipelines of 1,000 tenants."""
+        values = await hget_each(self._redis, [(spend_key(tenant, month), "total") for tenant in tenants])
+        return [int(value or 0) for value in values]
 
     async def events(self, tenant: str, count: int = 1000) -> list[dict[str, str]]:
         """The tenant's most recent usage events, oldest first."""

@@ -11,7 +11,8 @@ Routes::
     GET    /client/v4/accounts/{account_id}/ai/budget      a tenant's own budget and spend this month (usage:read)
     GET    /client/v4/user/tokens/verify                   who the bearer is: key id, account, scopes, expiry (any
                                                            valid key or the admin token; also /user/tokens/verify)
-    GET    /admin/v1/usage                                 usage across tenants (?tenant=a,b&group_by=tenant)
+    GET    /admin/v1/usage                                 usage across tenants (?tenant=a,b&group_by=tenant; so
+                                                           grouped, a bucket lists only the tenants with usage)
     GET    /admin/v1/tenants                               every tenant, with budget and spend this month
     POST   /admin/v1/keys                                  create a key (its secret is in this answer only)
     GET    /admin/v1/keys?tenant=                          list keys
@@ -28,9 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
+import anyio.to_thread
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,6 +45,7 @@ from billing import (
     InvalidKeySettingError,
     KeyLimits,
     ReportQueryError,
+    UsageReport,
     check_tenant,
     format_usd,
     month_bounds,
@@ -62,6 +65,11 @@ from gateway.errors import (
     render_result,
 )
 from gateway.validate import parse_body
+
+# Building and encoding a report costs about 4 µs per result. Up to this many (about 4 ms) it stays on the event loop:
+# a tenant's own day of hours (24 to 100 results, 0.2 to 0.5 ms) takes two to three times as long with the hop to a
+# thread.
+_RENDER_ON_LOOP_MAX_RESULTS: Final = 1000
 
 
 def routes() -> list[Route]:
@@ -160,7 +168,11 @@ async def admin_usage(request: Request) -> Response:
 async def list_tenants(request: Request) -> Response:
     deps = await _admin(request)
     tenants = await _redis(deps, deps.keys.tenants())
-    return render_result([await _budget_status(deps, tenant) for tenant in tenants])
+    month = month_of(deps.clock())
+    caps = await _redis(deps, deps.budgets.tenant_budgets(tenants), "usage")
+    spent = await _redis(deps, deps.ledger.month_spends(tenants, month), "usage")
+    period = _period(month)
+    return render_result([_month_status(*row, period) for row in zip(tenants, caps, spent, strict=True)])
 
 
 async def list_pools(request: Request) -> Response:
@@ -335,30 +347,35 @@ async def _usage(request: Request, deps: Dependencies, *, tenants: list[str], op
         raise InvalidQueryError(str(exc)) from None
     report = await _redis(deps, usage_report(deps.redis, query, models=list(deps.settings.models)), "usage")
     if output == "csv":
-        filename = f"tollgate-usage-{query.granularity}-{query.start}-{query.end}.csv"
-        return Response(
-            report.to_csv(),
-            media_type="text/csv; charset=utf-8",
-            headers={"content-disposition": f'attachment; filename="{filename}"'},
-        )
-    return render_result(report.as_dict())
+        return await _render(report, _csv_response)
+    return await _render(report, lambda page: render_result(page.as_dict()))
+
+
+def _csv_response(report: UsageReport) -> Response:
+    query = report.query
+    filename = f"tollgate-usage-{query.granularity}-{query.start}-{query.end}.csv"
+    return Response(
+        report.to_csv(),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+async def _render(report: UsageReport, render: Callable[[UsageReport], Response]) -> Response:
+    """``render(report)``, in a worker thread for a big report, so that the other requests of this process (streams,
+    ``/healthz``) go on meanwhile: an operator's week of hours over 3,000 tenants, then 504,000 results with the
+    zeros, took about 2.5 s to render on the event loop."""
+    if report.result_count <= _RENDER_ON_LOOP_MAX_RESULTS:
+        return render(report)
+    return await anyio.to_thread.run_sync(render, report)
 
 
 async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = None) -> dict[str, Any]:
     """A tenant's (and, for a tenant's own request, its key's) cap and spend in the current month (UTC)."""
     month = month_of(deps.clock())
-    cap, is_default = await _redis(deps, deps.budgets.tenant_budget(tenant), "usage")
+    cap = await _redis(deps, deps.budgets.tenant_budget(tenant), "usage")
     spent = await _redis(deps, deps.ledger.month_spend(tenant, month), "usage")
-    status: dict[str, Any] = {
-        "tenant": tenant,
-        "month": f"{month[:4]}-{month[4:]}",
-        "resets_at": _iso(month_bounds(month)[1]),
-        "monthly_budget_nano_usd": cap,
-        "monthly_budget_usd": None if cap is None else format_usd(cap),
-        "budget_is_default": is_default,
-        "spent_nano_usd": spent,
-        "spent_usd": format_usd(spent),
-    }
+    status = _month_status(tenant, cap, spent, _period(month))
     if key is not None:
         key_spent = await _redis(deps, deps.ledger.month_spend(tenant, month, key.key_id), "usage")
         key_cap = key.monthly_budget_nano_usd
@@ -370,6 +387,25 @@ async def _budget_status(deps: Dependencies, tenant: str, key: ApiKey | None = N
             "spent_usd": format_usd(key_spent),
         }
     return status
+
+
+def _period(month: str) -> dict[str, str]:
+    """``month`` (``YYYYMM``) and when the next begins, as a budget status shows them."""
+    return {"month": f"{month[:4]}-{month[4:]}", "resets_at": _iso(month_bounds(month)[1])}
+
+
+def _month_status(tenant: str, cap: tuple[int | None, bool], spent: int, period: dict[str, str]) -> dict[str, Any]:
+    """A tenant's cap (``(nano-dollars or None, is the default)``) and spend in the month of ``period``."""
+    nano_usd, is_default = cap
+    return {
+        "tenant": tenant,
+        **period,
+        "monthly_budget_nano_usd": nano_usd,
+        "monthly_budget_usd": None if nano_usd is None else format_usd(nano_usd),
+        "budget_is_default": is_default,
+        "spent_nano_usd": spent,
+        "spent_usd": format_usd(spent),
+    }
 
 
 async def _key(deps: Dependencies, request: Request) -> ApiKey:

@@ -131,6 +131,21 @@ async def test_budgets_tenant_cap_default_explicit_none_and_reset(redis: Redis) 
         await budgets.set_tenant_budget("acct-a", -1)
 
 
+async def test_budgets_of_many_tenants_read_at_once_equal_each_read_alone(redis: Redis) -> None:
+    budgets = Budgets(redis, default_monthly_nano_usd=5_000_000_000)
+    tenants = [f"acct-{number:04d}" for number in range(2500)]  # three pipelines of 1,000
+    for number, tenant in enumerate(tenants):
+        if number % 3 == 1:
+            await budgets.set_tenant_budget(tenant, number)
+        elif number % 3 == 2 and number % 2:
+            await budgets.set_tenant_budget(tenant, None)
+    many = await budgets.tenant_budgets(tenants)
+    assert many == [await budgets.tenant_budget(tenant) for tenant in tenants]
+    assert many[:6] == [(5_000_000_000, True), (1, False), (5_000_000_000, True), (5_000_000_000, True), (4, False),
+                        (None, False)]  # fmt: skip
+    assert await budgets.tenant_budgets([]) == []
+
+
 async def test_budgets_check_sees_the_ledgers_spend_of_this_month_by_tenant_and_key(redis: Redis) -> None:
     keys = KeyStore(redis)
     mine = (await keys.create("acct-a", monthly_budget_nano_usd=1_000_000)).record

@@ -66,3 +66,15 @@ async def test_ledger_rejects_negative_numbers_before_writing(redis: Redis) -> N
 
 def test_hour_bucket_is_utc() -> None:
     assert hour_bucket(0) == "1970010100"
+
+
+async def test_ledger_month_spends_of_many_tenants_equal_each_read_alone(redis: Redis) -> None:
+    ledger = Ledger(redis)
+    tenants = [f"acct-{number:04d}" for number in range(1500)]  # two pipelines of 1,000
+    for number, tenant in enumerate(tenants[::7]):
+        await ledger.record(usage_record(f"r{number}", tenant, cost_nano_usd=number + 1))
+    await ledger.record(usage_record("other-month", tenants[0], started_at=1_760_000_000.0))  # October 2025
+    spends = await ledger.month_spends(tenants, "202511")
+    assert spends == [await ledger.month_spend(tenant, "202511") for tenant in tenants]
+    assert spends[:8] == [1, 0, 0, 0, 0, 0, 0, 2] and sum(spends) == sum(range(1, len(tenants[::7]) + 1))
+    assert await ledger.month_spends(tenants[:1], "202510") == [816_130]

@@ -208,28 +208,47 @@ async def test_usage_report_group_by_model_with_filter_shows_that_model_only(usa
     ]
 
 
-async def test_usage_report_group_by_tenant_shows_every_tenant_in_every_bucket(usage: Redis) -> None:
-    params = hours(MIDNIGHT - HOUR, MIDNIGHT + 2 * HOUR, group_by="tenant")
-    page = json_page(await report_of(usage, params, tenants=("acct-c", "acct-b", "acct-a")))
+async def test_usage_report_group_by_tenant_lists_only_tenants_with_usage_keeping_every_bucket(usage: Redis) -> None:
+    since, until = MIDNIGHT - 2 * HOUR, MIDNIGHT + 3 * HOUR
+    tenants = ("acct-c", "acct-b", "acct-a")  # acct-c never used anything
+    page = json_page(await report_of(usage, hours(since, until, group_by="tenant"), tenants=tenants))
+    assert [bucket["start_time"] for bucket in page["data"]] == list(range(since, until, HOUR))
     assert [[(result["tenant"], result["requests"]) for result in bucket["results"]] for bucket in page["data"]] == [
-        [("acct-a", 1), ("acct-b", 0), ("acct-c", 0)],
-        [("acct-a", 0), ("acct-b", 1), ("acct-c", 0)],
-        [("acct-a", 2), ("acct-b", 0), ("acct-c", 0)],
+        [],  # nobody used this hour: the bucket is there, with no results
+        [("acct-a", 1)],
+        [("acct-b", 1)],
+        [("acct-a", 2)],
+        [],
     ]
-    assert page["data"][1]["results"][1] == {"model": None, "tenant": "acct-b", **counters(1, 999, 999)}
-    assert page["totals"]["requests"] == 4
-    assert page["totals"]["cost_nano_usd"] == 2_275_630 + 1_108_890
+    assert page["data"][2]["results"] == [{"model": None, "tenant": "acct-b", **counters(1, 999, 999)}]
+    ungrouped = json_page(await report_of(usage, hours(since, until), tenants=tenants))
+    everything = {**counters(4, 4333, 2616, errors=1), "cost_nano_usd": 3_384_520, "cost_usd": "0.003384520"}
+    assert page["totals"] == ungrouped["totals"] == everything  # the zeros left out changed no total
+    assert [len(bucket["results"]) for bucket in ungrouped["data"]] == [1, 1, 1, 1, 1]  # zeros when not by tenant
 
 
 async def test_usage_report_group_by_model_and_tenant_sorts_by_model_then_tenant(usage: Redis) -> None:
-    params = hours(MIDNIGHT, MIDNIGHT + HOUR, group_by="tenant, model")
+    params = hours(MIDNIGHT - HOUR, MIDNIGHT + 2 * HOUR, group_by="tenant, model")
     page = json_page(await report_of(usage, params, tenants=("acct-b", "acct-a")))
-    assert [(result["model"], result["tenant"], result["requests"]) for result in page["data"][0]["results"]] == [
-        (MODEL, "acct-a", 0),
-        (MODEL, "acct-b", 1),
-        (FP8, "acct-a", 0),
-        (FP8, "acct-b", 0),
+    assert [[(r["model"], r["tenant"], r["requests"]) for r in bucket["results"]] for bucket in page["data"]] == [
+        [(MODEL, "acct-a", 1)],
+        [(MODEL, "acct-b", 1)],
+        [(MODEL, "acct-a", 1), (FP8, "acct-a", 1)],  # only the models each tenant used
     ]
+    assert page["totals"]["requests"] == 4
+
+
+async def test_usage_report_group_by_tenant_csv_has_rows_for_usage_only(usage: Redis) -> None:
+    params = hours(MIDNIGHT - 2 * HOUR, MIDNIGHT + 3 * HOUR, group_by="tenant,model")
+    report = await report_of(usage, params, tenants=("acct-a", "acct-b", "acct-c"))
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert [(row["start"], row["model"], row["tenant"], row["requests"]) for row in rows] == [
+        (iso(MIDNIGHT - HOUR), MODEL, "acct-a", "1"),
+        (iso(MIDNIGHT), MODEL, "acct-b", "1"),
+        (iso(MIDNIGHT + HOUR), MODEL, "acct-a", "1"),
+        (iso(MIDNIGHT + HOUR), FP8, "acct-a", "1"),
+    ]
+    assert report.result_count == len(rows) == 4
 
 
 async def test_usage_report_for_one_tenant_never_includes_another(usage: Redis) -> None:
@@ -292,6 +311,43 @@ async def test_usage_report_reads_the_longest_hourly_range(usage: Redis) -> None
     report = await report_of(usage, hours(until - 2232 * HOUR, until), tenants=("acct-a", "acct-b"))
     assert len(report.buckets) == 2232 and report.next_page is None
     assert report.totals.requests == 4
+
+
+async def test_usage_report_reads_many_tenants_over_several_pipelines(redis: Redis) -> None:
+    """A 93-day hourly page is 14 script calls per tenant (168 buckets each, the last 48) and a pipeline holds 29
+    calls: 9 tenants take 5 pipelines, and each bill must land in its own bucket."""
+    until = MIDNIGHT + 2 * HOUR
+    ledger = Ledger(redis)
+    tenants = tuple(f"acct-{number}" for number in range(9))
+    for number, tenant in enumerate(tenants):  # spread over the range, the first at its very start
+        await record(ledger, f"r{number}", until - 2232 * HOUR + number * 275 * HOUR, 10, number, tenant=tenant)
+    report = await report_of(redis, hours(until - 2232 * HOUR, until, group_by="tenant"), tenants=tenants)
+    assert len(report.buckets) == 2232 and report.result_count == 9
+    used = [(bucket.start_time, result.tenant) for bucket in report.buckets for result in bucket.results]
+    assert used == [(until - 2232 * HOUR + number * 275 * HOUR, tenant) for number, tenant in enumerate(tenants)]
+    assert report.totals == UsageCounters(9, 90, 36, sum(cost_nano_usd(PRICE, 10, n) for n in range(9)), 0)
+
+
+async def test_usage_report_with_over_a_thousand_buckets_of_data_sums_them_all(redis: Redis) -> None:
+    """Past 1,000 buckets with data the sums are made in a worker thread: the same report."""
+    until = MIDNIGHT + 2 * HOUR
+    used = range(until - 1100 * HOUR, until, HOUR)
+    async with redis.pipeline(transaction=False) as pipe:
+        for number, start in enumerate(used):
+            hour = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y%m%d%H")
+            tenant = ("acct-a", "acct-b")[number % 2]
+            pipe.hset(tenant_key(tenant, "usage", "h", hour), mapping={f"{MODEL}|requests": 1, f"{FP8}|errors": 1})
+        await pipe.execute()
+    params = hours(until - 2232 * HOUR, until, group_by="tenant,model")
+    report = await report_of(redis, params, tenants=("acct-a", "acct-b", "acct-c"))
+    assert len(report.buckets) == 2232 and report.result_count == 2200
+    assert report.totals == UsageCounters(requests=1100, errors=1100)
+    rows = [(b.start_time, r.model, r.tenant, r.counters.requests) for b in report.buckets for r in b.results]
+    assert rows == [
+        (start, model, ("acct-a", "acct-b")[number % 2], int(model == MODEL))
+        for number, start in enumerate(used)
+        for model in (MODEL, FP8)
+    ]
 
 
 async def test_usage_report_csv_has_one_row_per_bucket_and_group(usage: Redis) -> None:

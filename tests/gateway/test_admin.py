@@ -35,6 +35,7 @@ from tests.conftest import (
     Gateway,
     SimWorker,
     gateway_for,
+    usage_record,
 )
 
 ADMIN_TOKEN = "admin-token-" + "x" * 40
@@ -774,19 +775,24 @@ async def test_usage_bad_parameter_is_400_naming_it(gw: Gateway) -> None:
             assert_error(csv_response, 400, 5006, names)
 
 
-async def test_admin_usage_grouped_by_tenant_shows_each_tenant(gw: Gateway) -> None:
+async def test_admin_usage_grouped_by_tenant_shows_each_tenant_with_usage(gw: Gateway) -> None:
     mine = await make_traffic(gw)
     b_key = await new_key(gw, OTHER)
     theirs = [cost_of(await run(gw, b_key["key"], OTHER, {"prompt": "B", "max_tokens": 5}))]
+    await new_key(gw, "acct-idle")  # a tenant with a key and no usage: in no bucket's results
     report = result_of(await gw.client.get("/admin/v1/usage?group_by=tenant", headers=ADMIN))
-    assert all([r["tenant"] for r in bucket["results"]] == sorted([TENANT, OTHER]) for bucket in report["data"])
+    assert len(report["data"]) == 24  # every bucket, used or not
+    assert all(result["requests"] > 0 for bucket in report["data"] for result in bucket["results"])
+    assert {r["tenant"] for bucket in report["data"] for r in bucket["results"]} == {TENANT, OTHER}
     assert bucket_sum(report, tenant=TENANT) == summed(mine[MODEL] + mine[FP8_MODEL])
     assert bucket_sum(report, tenant=OTHER) == summed(theirs)
     assert report["totals"] == summed(mine[MODEL] + mine[FP8_MODEL] + theirs)
     both = result_of(await gw.client.get("/admin/v1/usage?group_by=tenant,model&granularity=day", headers=ADMIN))
     assert [(r["model"], r["tenant"]) for r in both["data"][-1]["results"]] == [
-        (model, tenant) for model in sorted([MODEL, FP8_MODEL]) for tenant in sorted([TENANT, OTHER])
-    ]
+        (MODEL, OTHER),
+        (MODEL, TENANT),
+        (FP8_MODEL, TENANT),
+    ]  # sorted by model, then tenant; B never used the fp8 model
     assert bucket_sum(both, tenant=TENANT, model=FP8_MODEL) == summed(mine[FP8_MODEL])
     assert bucket_sum(both, tenant=OTHER, model=MODEL) == summed(theirs)
     assert bucket_sum(both, tenant=OTHER, model=FP8_MODEL) == summed([])
@@ -799,6 +805,28 @@ async def test_admin_usage_grouped_by_tenant_shows_each_tenant(gw: Gateway) -> N
     assert sorted((row["tenant"], int(row["cost_nano_usd"])) for row in rows) == sorted(
         [(TENANT, summed(mine[MODEL] + mine[FP8_MODEL])["cost_nano_usd"]), (OTHER, summed(theirs)["cost_nano_usd"])]
     )
+
+
+async def test_admin_usage_of_over_a_thousand_results_is_the_same_report(gw: Gateway, redis: Redis) -> None:
+    """A report of more than 1,000 results is rendered in a worker thread: JSON and CSV, each result once."""
+    end = int(time.time()) // 3600 * 3600
+    used = range(end - 1200 * 3600, end, 3600)
+    async with redis.pipeline(transaction=False) as pipe:
+        for start in used:
+            key = f"tg:{{{TENANT}}}:usage:h:{time.strftime('%Y%m%d%H', time.gmtime(start))}"
+            pipe.hset(key, mapping={f"{MODEL}|requests": 1, f"{MODEL}|cost_nano_usd": start})
+        await pipe.execute()
+    query = f"tenant={TENANT}&group_by=tenant&from={end - 1500 * 3600}&to={end}"
+    report = result_of(await gw.client.get(f"/admin/v1/usage?{query}", headers=ADMIN))
+    rows = [
+        (bucket["start_time"], r["tenant"], r["cost_nano_usd"]) for bucket in report["data"] for r in bucket["results"]
+    ]
+    assert len(report["data"]) == 1500 and rows == [(start, TENANT, start) for start in used]
+    assert report["totals"]["requests"] == 1200 and report["totals"]["cost_nano_usd"] == sum(used)
+    response = await gw.client.get(f"/admin/v1/usage?{query}&format=csv", headers=ADMIN)
+    assert response.status_code == 200 and response.headers["content-type"] == "text/csv; charset=utf-8"
+    csv_rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [(row["tenant"], int(row["cost_nano_usd"])) for row in csv_rows] == [(TENANT, start) for start in used]
 
 
 async def test_admin_usage_bad_parameter_is_400(gw: Gateway) -> None:
@@ -913,6 +941,78 @@ async def test_budget_endpoint_shows_the_spend_in_the_ledger(gw: Gateway) -> Non
     assert admin_view["spent_nano_usd"] == total + other_cost and "key" not in admin_view
     [listed] = [t for t in result_of(await gw.client.get("/admin/v1/tenants", headers=ADMIN)) if t["tenant"] == TENANT]
     assert listed == admin_view
+
+
+async def test_admin_tenants_lists_every_tenants_budget_and_spend_as_its_own_budget_route(
+    redis: Redis, redis_url: str, tokenizer: Tokenizer, worker: SimWorker
+) -> None:
+    env = {"TOLLGATE_ADMIN__TOKEN": ADMIN_TOKEN, "TOLLGATE_BUDGETS__DEFAULT_MONTHLY_NANO_USD": "50000"}
+    async with gateway_for(redis_url, tokenizer, [worker.url], **env) as gw:
+        month = month_of(time.time())
+        last_month = month_bounds(month)[0] - 1
+        tenants = [TENANT, OTHER, "acct-default", "acct-zero", "acct-none"]
+        for tenant in tenants[1:]:
+            await new_key(gw, tenant)
+        await put_budget(gw, TENANT, "25.00")
+        await put_budget(gw, "acct-zero", "0")
+        await put_budget(gw, "acct-none", None)
+        bills = [(TENANT, time.time()), (TENANT, time.time()), (OTHER, time.time()), (OTHER, last_month)]
+        for number, (tenant, at) in enumerate(bills):
+            await gw.deps.ledger.record(usage_record(f"bill-{number}", tenant, started_at=at))
+        listed = result_of(await gw.client.get("/admin/v1/tenants", headers=ADMIN))
+        one_by_one = [
+            result_of(await gw.client.get(f"/admin/v1/tenants/{tenant}/budget", headers=ADMIN))
+            for tenant in sorted(tenants)
+        ]
+        assert listed == one_by_one
+        common = {"month": f"{month[:4]}-{month[4:]}", "resets_at": resets_at()}
+        assert {status["tenant"]: status for status in listed} == {
+            TENANT: {
+                "tenant": TENANT,
+                **common,
+                "monthly_budget_nano_usd": 25_000_000_000,
+                "monthly_budget_usd": "25.000000000",
+                "budget_is_default": False,
+                "spent_nano_usd": 2 * 816_130,
+                "spent_usd": "0.001632260",
+            },
+            OTHER: {
+                "tenant": OTHER,
+                **common,
+                "monthly_budget_nano_usd": 50_000,
+                "monthly_budget_usd": "0.000050000",
+                "budget_is_default": True,
+                "spent_nano_usd": 816_130,  # last month's bill is not this month's spend
+                "spent_usd": "0.000816130",
+            },
+            "acct-default": {
+                "tenant": "acct-default",
+                **common,
+                "monthly_budget_nano_usd": 50_000,
+                "monthly_budget_usd": "0.000050000",
+                "budget_is_default": True,
+                "spent_nano_usd": 0,
+                "spent_usd": "0.000000000",
+            },
+            "acct-zero": {
+                "tenant": "acct-zero",
+                **common,
+                "monthly_budget_nano_usd": 0,
+                "monthly_budget_usd": "0.000000000",
+                "budget_is_default": False,
+                "spent_nano_usd": 0,
+                "spent_usd": "0.000000000",
+            },
+            "acct-none": {
+                "tenant": "acct-none",
+                **common,
+                "monthly_budget_nano_usd": None,
+                "monthly_budget_usd": None,
+                "budget_is_default": False,
+                "spent_nano_usd": 0,
+                "spent_usd": "0.000000000",
+            },
+        }
 
 
 async def test_budget_key_cap_counts_that_keys_own_spend(gw: Gateway, tokenizer: Tokenizer) -> None:

@@ -3,7 +3,8 @@
 // It reads the gateway's own API with the credential typed into the sign-in form, which lives in this tab's
 // sessionStorage only and goes out only as the Authorization header of same-origin requests. Money arrives as
 // exact decimal strings ("0.000816130"); the page sums it as BigInt nano-dollars and shows those strings, using
-// floats only to draw the charts. Buckets, times and labels are UTC.
+// floats only to draw the charts. Buckets, times and labels are UTC. A report grouped by tenant is sparse: a bucket
+// lists only the tenants with usage in it (none at all when nobody used anything), so a missing tenant means zero.
 "use strict";
 
 (() => {
@@ -415,14 +416,22 @@
     return { label, data: values, exact, backgroundColor: color, borderWidth: 0, maxBarThickness: 32 };
   }
 
-  /** Spend per bucket for each of ``groups`` (name → predicate on a result), as exact strings and numbers. */
-  function spendDatasets(report, groups) {
-    return groups.map(([name, matches], index) => {
-      const sums = report.data.map((bucket) => bucket.results
-        .filter(matches)
-        .reduce((sum, result) => sum + nanoOf(result.cost_usd), 0n));
-      const color = name === "other" ? OTHER_COLOR : PALETTE[index % PALETTE.length];
-      return dataset(name, color, sums.map((nano) => Number(nano) / 1e9), sums.map(usdOf));
+  /**
+   * Spend per bucket for each series named in ``names``, as exact strings and numbers, in one pass over the results:
+   * ``seriesOf(result)`` is the index in ``names`` of the series a result counts in (-1: none). A series with no
+   * result in a bucket is zero there. ``other``: the series of everything else, drawn in grey, if there is one.
+   */
+  function spendDatasets(report, names, seriesOf, other = -1) {
+    const sums = names.map(() => report.data.map(() => 0n));
+    report.data.forEach((bucket, index) => {
+      for (const result of bucket.results) {
+        const series = seriesOf(result);
+        if (series >= 0) sums[series][index] += nanoOf(result.cost_usd);
+      }
+    });
+    return names.map((name, series) => {
+      const color = series === other ? OTHER_COLOR : PALETTE[series % PALETTE.length];
+      return dataset(name, color, sums[series].map((nano) => Number(nano) / 1e9), sums[series].map(usdOf));
     });
   }
 
@@ -452,10 +461,10 @@
   function renderTenantCharts(root, range, report) {
     const labels = report.data.map((bucket) => chartLabel(bucket, range.granularity));
     const used = [...sumBy(report, "model")].filter(([, counters]) => isUsed(counters)).sort(byCostThenName);
-    const groups = used.map(([model]) => [model, (result) => result.model === model]);
+    const models = used.map(([model]) => model);
     const per = range.granularity === "hour" ? "per hour" : "per day";
     part(root, "spend-caption").textContent = `Spend (USD) ${per}, by model`;
-    const spend = spendDatasets(report, groups);
+    const spend = spendDatasets(report, models, (result) => models.indexOf(result.model));
     drawChart(part(root, "chart-spend"), barChart(labels, spend, { yTitle: "USD", money: true }));
     drawChart(part(root, "chart-tokens"), barChart(labels, [
       dataset("Prompt", PALETTE[0], perBucket(report, "prompt_tokens")),
@@ -548,16 +557,20 @@
     renderTable(table, SPENDER_COLUMNS, rows, null, "No tenants yet.");
   }
 
-  /** Spend per bucket stacked by tenant: the top ones by spend in the range, the rest summed as "other". */
+  /**
+   * Spend per bucket stacked by tenant: the top ones by spend in the range, the rest summed as "other". The report
+   * is sparse (see the top of this file): a tenant missing from a bucket adds nothing to it, and only tenants that
+   * appear somewhere can rank.
+   */
   function renderTenantSpendChart(root, range, report) {
     const ranked = [...sumBy(report, "tenant")].filter(([, counters]) => isUsed(counters)).sort(byCostThenName);
-    const top = ranked.slice(0, TOP_TENANTS_CHARTED).map(([tenant]) => tenant);
-    const groups = top.map((tenant) => [tenant, (result) => result.tenant === tenant]);
-    if (ranked.length > TOP_TENANTS_CHARTED) groups.push(["other", (result) => !top.includes(result.tenant)]);
+    const top = new Map(ranked.slice(0, TOP_TENANTS_CHARTED).map(([tenant], index) => [tenant, index]));
+    const other = ranked.length > TOP_TENANTS_CHARTED ? TOP_TENANTS_CHARTED : -1; // the index of "other", if any
+    const names = other >= 0 ? [...top.keys(), "other"] : [...top.keys()];
     const labels = report.data.map((bucket) => chartLabel(bucket, range.granularity));
     const per = range.granularity === "hour" ? "per hour" : "per day";
     part(root, "spend-caption").textContent = `Spend (USD) ${per}, by tenant`;
-    const spend = spendDatasets(report, groups);
+    const spend = spendDatasets(report, names, (result) => top.get(result.tenant) ?? other, other);
     drawChart(part(root, "chart-spend"), barChart(labels, spend, { yTitle: "USD", money: true }));
   }
 
