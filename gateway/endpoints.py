@@ -13,7 +13,7 @@ from billing import ApiKey
 from gateway.admit import admit, admit_request
 from gateway.deps import Dependencies
 from gateway.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, UnknownModelError
-from gateway.observe import EXPOSITION_TYPE, RequestFacts
+from gateway.observe import EXPOSITION_TYPE, RequestFacts, safe_observe
 from gateway.openai_compat import OpenAiRequest, parse_chat, parse_completion
 from gateway.relay import Caller, Relay
 from gateway.route import CapacityError, Demand, NoWorkerError
@@ -187,6 +187,6 @@ async def ready(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of this replica (all its processes)."""
     deps: Dependencies = request.app.state.deps
-    deps.sampler.sample()  # this process's view of the workers, as of now
+    safe_observe(deps.sampler.sample)  # this process's view of the workers, as of now
     body = await anyio.to_thread.run_sync(deps.metrics.exposition)  # multiprocess mode reads files
     return Response(body, media_type=EXPOSITION_TYPE)
