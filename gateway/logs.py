@@ -13,6 +13,8 @@ import logging.config
 import re
 from typing import Any, Final
 
+from pythonjsonlogger.core import RESERVED_ATTRS
+
 from config import LoggingSettings
 from gateway.observe import RequestFacts
 
@@ -30,6 +32,7 @@ def logging_config(settings: LoggingSettings) -> dict[str, Any]:
             "style": "{",
             "timestamp": "time",
             "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],  # uvicorn's copy of the message with ANSI colours
         }
     else:
         formatter = {"format": _TEXT_FORMAT}
@@ -86,9 +89,13 @@ def log_access(facts: RequestFacts, method: str, path: str, status: int, client:
         "worker": facts.worker or None,
         "client": client,
     }
-    summary = f"{method} {_printable(path)} {status} {duration_ms} ms"
+    summary = f"{method} {_printable(path)} {status} {duration_ms} ms id={facts.request_id}"
+    if facts.error_code is not None:
+        summary += f" code={facts.error_code}"
     if facts.tenant:
         summary += f" tenant={facts.tenant}"
+    if facts.model:
+        summary += f" model={facts.model}"
     if facts.prompt_tokens is not None:
         summary += f" tokens={facts.prompt_tokens}+{facts.completion_tokens} cost_nano_usd={facts.cost_nano_usd}"
     if facts.outcome:

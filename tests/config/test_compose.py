@@ -63,6 +63,11 @@ def test_prometheus_scrapes_compose_services_at_their_ports() -> None:
                 assert port == expected, target
 
 
+def test_prometheus_and_grafana_listen_on_the_host_only() -> None:
+    for service in ("prometheus", "grafana"):  # they show every tenant's spend
+        assert all(port.startswith("127.0.0.1:") for port in SERVICES[service]["ports"]), service
+
+
 def test_grafana_gets_the_provisioning_and_the_charts_dashboard() -> None:
     mounts = bind_mounts("grafana")
     assert mounts["/etc/grafana/provisioning"] == REPO_ROOT / "config" / "grafana" / "provisioning"

@@ -259,7 +259,9 @@ def test_json_logs_are_one_object_per_line_with_the_record_fields() -> None:
     formatter = logging.config.DictConfigurator(config).configure_formatter(config["formatters"]["default"])
     record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 1, "POST /x 200", None, None)
     record.request_id, record.prompt_tokens = "abc", 12
+    record.color_message = "\x1b[32mPOST\x1b[0m %s"  # uvicorn's coloured copy: noise in a log collector
     line = json.loads(formatter.format(record))
+    assert "color_message" not in line
     assert line["level"] == "INFO" and line["logger"] == ACCESS_LOGGER and line["message"] == "POST /x 200"
     assert line["request_id"] == "abc" and line["prompt_tokens"] == 12 and line["time"].startswith("20")
     assert config["root"]["level"] == "WARNING" and config["loggers"][ACCESS_LOGGER]["level"] == "INFO"
