@@ -183,6 +183,7 @@ def build_dependencies(
         tenant_labels=settings.metrics.tenant_labels,
         multiprocess_dir=metrics_dir,
     )
+    metrics.start_at_zero(settings.models, pools)
     return Dependencies(
         settings=settings,
         http=http,

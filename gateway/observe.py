@@ -221,6 +221,23 @@ class GatewayMetrics:
             "tollgate_bills_replayed", "Spooled bills replayed into the ledger", registry=registry
         )
 
+    def start_at_zero(self, models: Collection[str], pools: Collection[str]) -> None:
+        """Create the error and refusal series at 0, so that ``increase()`` sees their first event (a series that
+        appears with 1 has no earlier value to grow from)."""
+        for model in models:
+            for reason in sorted(set(_REFUSALS.values())):
+                self.refusals.labels(model, reason)
+            for kind in ("prompt", "completion"):
+                self.token_count_mismatches.labels(model, kind)
+        for pool in pools:
+            self.upstream_retries.labels(pool)
+            for reason in ("capacity", "no_worker", "unknown_adapter"):
+                self.routing_refusals.labels(pool, reason)
+        for operation in ("auth", "admission", "bill", "usage", "admin"):
+            self.redis_errors.labels(operation)
+        for outcome in ("allowed", "refused"):
+            self.admission_unchecked.labels(outcome)
+
     def tenant_label(self, tenant: str) -> str:
         return tenant if tenant in self._tenant_labels else OTHER_TENANT
 

@@ -337,3 +337,19 @@ def test_a_worker_removed_from_its_pool_leaves_the_metrics(tokenizer: Tokenizer)
     page = samples(metrics.exposition().decode())
     assert label_values(page, "tollgate_worker_up", "worker") == {"http://a:8000"}
     assert label_values(page, "tollgate_worker_in_flight", "worker") == {"http://a:8000"}
+
+
+async def test_error_and_refusal_series_start_at_zero(gateway: Gateway) -> None:
+    page = await scrape(gateway)
+    reasons = {"requests_per_minute", "tokens_per_minute", "concurrent_streams", "budget_key", "budget_tenant"}
+    for model in (MODEL, FP8_MODEL):
+        found = {
+            labels["reason"]
+            for name, labels, value in page
+            if name == "tollgate_refusals_total" and labels["model"] == model and value == 0
+        }
+        assert found == reasons, model
+    zeros = {(name, tuple(sorted(labels.items()))) for name, labels, value in page if value == 0}
+    assert ("tollgate_redis_errors_total", (("operation", "bill"),)) in zeros
+    assert ("tollgate_routing_refusals_total", (("pool", "fp8"), ("reason", "no_worker"))) in zeros
+    assert ("tollgate_token_count_mismatches_total", (("kind", "prompt"), ("model", MODEL))) in zeros
