@@ -127,6 +127,8 @@ async def verify_token(request: Request) -> Response:
     """Cloudflare's token check: the bearer's key id, status, expiry, account and scopes, for any valid key."""
     deps = _deps(request)
     key = await _redis(deps, deps.auth.identify(request.headers))
+    if key is not None:
+        request.state.facts.tenant, request.state.facts.key_id = key.tenant, key.key_id
     if key is None:  # the bootstrap admin token: no key, no account behind it
         return render_result(
             {

@@ -79,7 +79,9 @@ class Drain:
         if self.draining:
             return
         self.draining = True
-        logger.warning("draining: %d requests in flight get %.0f s to finish", len(self._running), self.drain_seconds)
+        level = logging.WARNING if self._running else logging.INFO  # nothing to wait for is a normal stop
+        in_flight = len(self._running)
+        logger.log(level, "draining: %d requests in flight get %.0f s to finish", in_flight, self.drain_seconds)
         self._deadline = asyncio.get_running_loop().call_later(self.drain_seconds, self.cut_all)
 
     def cut_all(self) -> None:
