@@ -47,6 +47,7 @@ async def test_after_a_mixed_load_every_token_and_cost_counter_matches_the_ledge
             keys = await _keys(KeyStore(redis))
             async with httpx.AsyncClient(base_url=stack.gateway, timeout=30, trust_env=False) as client:
                 seen = await _mixed_load(client, keys, flaky)
+                await _until_both_processes_billed(stack, keys[LISTED], seen)
                 await _wait_until_billed(Ledger(redis, Retention()), seen)
                 ledger = await _ledger_by_model(client)
             scrapes = [await _scrape_fresh(stack) for _ in range(8)]  # new connections: both processes answer
@@ -195,6 +196,20 @@ async def _scrape_fresh(stack: Stack) -> list[Sample]:
         response = await client.get(stack.gateway + "/metrics", headers={"connection": "close"})
     assert response.status_code == 200
     return samples(response.text)
+
+
+async def _until_both_processes_billed(stack: Stack, key: str, seen: dict[str, Any]) -> None:
+    """The kernel hands connections to whichever process accepts first, and one may take them all: add requests, each
+    on a connection of its own, until both processes have billed some."""
+    path = f"/client/v4/accounts/{LISTED}/ai/run/{MODEL}"
+    for _ in range(100):
+        if len({line["pid"] for line in _access_lines(stack) if line["route"] == "native"}) == 2:
+            return
+        async with httpx.AsyncClient(base_url=stack.gateway, timeout=30, trust_env=False) as fresh:
+            response = await fresh.post(path, json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200
+        seen["statuses"]["native", "2xx"] += 1
+    raise AssertionError("one gateway process served every request")
 
 
 def _access_lines(stack: Stack) -> list[dict[str, Any]]:
