@@ -13,6 +13,7 @@ comma-separated. A bad or unknown key fails at start-up with a :class:`SettingsE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -135,6 +136,7 @@ class MetricsSettings:
     # list short: each tenant multiplies those series (keys never appear in metrics).
     tenant_labels: tuple[str, ...] = ()
     sample_interval_seconds: float = 1.0  # how often each process writes its workers' state to the metrics
+    token: str = ""  # set: GET /metrics wants "Authorization: Bearer <token>" (from a secret: TOLLGATE_METRICS__TOKEN)
 
 
 @_frozen
@@ -219,8 +221,33 @@ class Settings:
     models: Mapping[str, ModelSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
 
+# Numbers that must be greater than 0; every other number may be 0 (often: "off"), none may be negative.
+POSITIVE_SETTINGS: Final = (
+    "server.port",
+    "server.workers",
+    "server.max_body_bytes",
+    "server.drain_seconds",
+    "redis.max_connections",
+    "upstream.first_token_timeout_seconds",
+    "upstream.between_tokens_timeout_seconds",
+    "upstream.total_timeout_seconds",
+    "upstream.max_connections",
+    "routing.queue_timeout_seconds",
+    "routing.metrics_interval_seconds",
+    "routing.health_interval_seconds",
+    "routing.health_timeout_seconds",
+    "routing.eject_after_failures",
+    "routing.eject_seconds",
+    "ledger.seen_ttl_seconds",
+    "ledger.events_retention_seconds",
+    "ledger.spool_replay_interval_seconds",
+    "limits.slot_ttl_seconds",
+    "metrics.sample_interval_seconds",
+)
+TOKEN_MIN_CHARS: Final = 32  # admin.token and metrics.token, when set
+
 # Settings written as a bare string stand for a mapping with this one key.
-_SHORTHAND: Final[Mapping[type, str]] = {WorkerSettings: "url"}
+SHORTHAND: Final[Mapping[type, str]] = {WorkerSettings: "url"}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -286,8 +313,8 @@ def _build(cls: type[Any], data: Any, path: str) -> Any:
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        if hint in _SHORTHAND and isinstance(value, str):
-            value = {_SHORTHAND[hint]: value}
+        if hint in SHORTHAND and isinstance(value, str):
+            value = {SHORTHAND[hint]: value}
         return _build(typing.cast(type, hint), value, key)
     if origin is Mapping:
         _, item_hint = typing.get_args(hint)
@@ -337,33 +364,13 @@ def _to_bool(value: Any, key: str) -> bool:
 
 
 def _check(settings: Settings) -> None:
-    positive = {
-        "server.port": settings.server.port,
-        "server.workers": settings.server.workers,
-        "server.max_body_bytes": settings.server.max_body_bytes,
-        "upstream.first_token_timeout_seconds": settings.upstream.first_token_timeout_seconds,
-        "upstream.between_tokens_timeout_seconds": settings.upstream.between_tokens_timeout_seconds,
-        "upstream.total_timeout_seconds": settings.upstream.total_timeout_seconds,
-        "server.drain_seconds": settings.server.drain_seconds,
-        "routing.queue_timeout_seconds": settings.routing.queue_timeout_seconds,
-        "routing.metrics_interval_seconds": settings.routing.metrics_interval_seconds,
-        "routing.health_interval_seconds": settings.routing.health_interval_seconds,
-        "routing.health_timeout_seconds": settings.routing.health_timeout_seconds,
-        "routing.eject_after_failures": settings.routing.eject_after_failures,
-        "routing.eject_seconds": settings.routing.eject_seconds,
-        "upstream.max_connections": settings.upstream.max_connections,
-        "redis.max_connections": settings.redis.max_connections,
-        "ledger.seen_ttl_seconds": settings.ledger.seen_ttl_seconds,
-        "ledger.events_retention_seconds": settings.ledger.events_retention_seconds,
-        "ledger.spool_replay_interval_seconds": settings.ledger.spool_replay_interval_seconds,
-        "limits.slot_ttl_seconds": settings.limits.slot_ttl_seconds,
-        "metrics.sample_interval_seconds": settings.metrics.sample_interval_seconds,
-    }
-    for key, value in positive.items():
+    for key in POSITIVE_SETTINGS:
+        value = functools.reduce(getattr, key.split("."), settings)
         if value <= 0:
             raise SettingsError(f"{key}: must be greater than 0")
-    if settings.admin.token and len(settings.admin.token) < 32:
-        raise SettingsError("admin.token: use at least 32 random characters (or leave it empty to disable it)")
+    for key, token in (("admin.token", settings.admin.token), ("metrics.token", settings.metrics.token)):
+        if token and len(token) < TOKEN_MIN_CHARS:
+            raise SettingsError(f"{key}: use at least {TOKEN_MIN_CHARS} random characters (or leave it empty)")
     if not settings.models:
         raise SettingsError("models: at least one model must be configured")
     if settings.routing.max_eject_seconds < settings.routing.eject_seconds:

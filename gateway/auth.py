@@ -105,6 +105,13 @@ class Authenticator:
         return _usable(key, now)
 
 
+def require_bearer(headers: Mapping[str, str], token: str) -> None:
+    """Admit only a request whose bearer is ``token`` (compared in constant time): ``GET /metrics`` when
+    ``metrics.token`` is set. Anything else is an :class:`AuthenticationError`."""
+    if not hmac.compare_digest(_bearer_token(headers).encode(), token.encode()):
+        raise AuthenticationError()
+
+
 def _usable(key: ApiKey, now: float) -> ApiKey:
     if not key.usable_at(now):
         raise AuthenticationError()

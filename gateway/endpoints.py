@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from billing import ApiKey
 from gateway.admit import admit, admit_request
+from gateway.auth import require_bearer
 from gateway.deps import Dependencies
 from gateway.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, UnknownModelError
 from gateway.observe import EXPOSITION_TYPE, RequestFacts, safe_observe
@@ -185,8 +186,10 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this replica (all its processes)."""
+    """Prometheus metrics of this replica (all its processes); with ``metrics.token`` set, for its bearer only."""
     deps: Dependencies = request.app.state.deps
+    if deps.settings.metrics.token:
+        require_bearer(request.headers, deps.settings.metrics.token)
     safe_observe(deps.sampler.sample)  # this process's view of the workers, as of now
     body = await anyio.to_thread.run_sync(deps.metrics.exposition)  # multiprocess mode reads files
     return Response(body, media_type=EXPOSITION_TYPE)

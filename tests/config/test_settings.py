@@ -61,6 +61,8 @@ def test_settings_are_frozen() -> None:
         ({"TOLLGATE_VALIDATION__SPECIAL_TOKENS": "maybe"}, "validation.special_tokens: expected one of reject, allow"),
         ({"TOLLGATE_POOLS__BF16__WORKERS": "ftp://x"}, "pools.bf16.workers[0]: expected an http(s) URL"),
         ({"TOLLGATE_AUTH": "x"}, "auth: expected a mapping"),
+        ({"TOLLGATE_ADMIN__TOKEN": "short"}, "admin.token: use at least 32 random characters"),
+        ({"TOLLGATE_METRICS__TOKEN": "x" * 31}, "metrics.token: use at least 32 random characters"),
     ],
 )
 def test_settings_bad_value_fails_naming_the_key(environ: dict[str, str], message: str) -> None:

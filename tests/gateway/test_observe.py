@@ -353,3 +353,15 @@ async def test_error_and_refusal_series_start_at_zero(gateway: Gateway) -> None:
     assert ("tollgate_redis_errors_total", (("operation", "bill"),)) in zeros
     assert ("tollgate_routing_refusals_total", (("pool", "fp8"), ("reason", "no_worker"))) in zeros
     assert ("tollgate_token_count_mismatches_total", (("kind", "prompt"), ("model", MODEL))) in zeros
+
+
+async def test_a_metrics_token_keeps_metrics_to_its_bearer(redis: Redis, redis_url: str, tokenizer: Tokenizer) -> None:
+    token = "m" * 40
+    async with gateway_for(redis_url, tokenizer, ["http://127.0.0.1:9"], TOLLGATE_METRICS__TOKEN=token) as gateway:
+        for headers in ({}, {"Authorization": "Bearer " + "m" * 39}, gateway.auth, {"Authorization": token}):
+            refused = await gateway.client.get("/metrics", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.json()["errors"][0]["code"] == 10000 and "tollgate_" not in refused.text
+        allowed = await gateway.client.get("/metrics", headers={"Authorization": "Bearer " + token})
+        assert allowed.status_code == 200 and "tollgate_requests_total" in allowed.text
+        assert (await gateway.client.get("/healthz")).status_code == 200  # probes need no token
