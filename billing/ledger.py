@@ -12,7 +12,8 @@ Key layout (all of a tenant's keys share the hash tag ``{tenant}``, so each scri
     tg:{<tenant>}:usage:d:<YYYYMMDD>            "|completion_tokens", "|cost_nano_usd", "|errors" (UTC);
                                                 kept Retention.hourly_seconds / daily_seconds after the bucket
     tg:{<tenant>}:spend:m:<YYYYMM>          hash, "total" and "key:<key_id>": nano-dollars spent that month (UTC)
-    tg:{<tenant>}:events                    stream of usage events, trimmed to Retention.events_seconds
+    tg:{<tenant>}:events                    stream of usage events, trimmed to Retention.events_seconds;
+                                                expires that long after its newest event
 
 Buckets are dated by the request's ``started_at``, which comes from Redis ``TIME`` at admission, so one clock dates
 every event however skewed the replicas' clocks are.
@@ -59,6 +60,8 @@ redis.call('HINCRBY', KEYS[4], ARGV[10], ARGV[8])
 local now = redis.call('TIME')
 local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
 redis.call('XADD', KEYS[5], 'MINID', '~', string.format('%d', oldest), '*', unpack(ARGV, 12))
+-- trimming needs a next event: a tenant that stops has its stream expire once its newest event is past retention
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 -- the rate-limit window keeps the tokens used instead of those reserved (billing/limits.py); the slot is free
 local reserved = redis.call('HGET', KEYS[6], ARGV[11])
 if reserved then

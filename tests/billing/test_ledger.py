@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from billing import Ledger, Price, cost_nano_usd, format_usd, hour_bucket, tenant_key
+from billing import Ledger, Price, Retention, cost_nano_usd, format_usd, hour_bucket, tenant_key
 from tests.conftest import usage_record
 
 PRICE = Price(280, 830)
@@ -55,6 +55,16 @@ async def test_ledger_keeps_tenants_models_and_hours_apart(redis: Redis) -> None
     keys = {key.decode() async for key in redis.scan_iter("tg:*")}
     assert keys and all(key.startswith(("tg:{acct-a}:", "tg:{acct-b}:")) for key in keys)
     assert tenant_key("acct-a", "events") == "tg:{acct-a}:events"
+
+
+async def test_a_tenants_event_stream_expires_when_its_newest_event_is_past_retention(redis: Redis) -> None:
+    ledger = Ledger(redis, Retention(events_seconds=3600))
+    await ledger.record(usage_record("r1"))
+    events = tenant_key("acct-a", "events")
+    assert 3590 < await redis.ttl(events) <= 3600  # trimming needs a next event; a tenant that stops needs this
+    await redis.expire(events, 10)
+    await ledger.record(usage_record("r2"))  # each event pushes it back
+    assert 3590 < await redis.ttl(events) <= 3600
 
 
 async def test_ledger_rejects_negative_numbers_before_writing(redis: Redis) -> None:
