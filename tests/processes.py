@@ -24,7 +24,8 @@ FAST_CHECKS = {
 
 
 class Stack:
-    """Redis, simulated workers and one gateway, each a process on a free port; workers can be killed and revived."""
+    """Redis, simulated workers and one gateway (or several replicas), each a process on a free port; workers can be
+    killed and revived."""
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
@@ -37,6 +38,8 @@ class Stack:
         self.worker_options: dict[str, tuple[str, ...]] = {}
         self.gateway = ""
         self.gateway_proc: subprocess.Popen[bytes] | None = None
+        self.replicas: list[str] = []
+        self.replica_procs: list[subprocess.Popen[bytes]] = []
 
     def start_worker(self, *options: str, url: str | None = None) -> str:
         url = url or f"http://127.0.0.1:{free_port()}"
@@ -55,7 +58,25 @@ class Stack:
         proc.wait()
 
     def start_gateway(self, *options: str, **env: str) -> None:
-        port = free_port()
+        self.gateway, self.gateway_proc = self._spawn_gateway(free_port(), options, env)
+        wait_for_http(self.gateway + "/readyz", self.gateway_proc)
+
+    def start_replicas(self, count: int, *options: str, **env: str) -> list[str]:
+        """Start ``count`` gateway replicas at once, each a ``tollgate serve`` of its own on its own port, all on this
+        stack's Redis and workers (as a Deployment's pods are); returns their URLs once every one is ready."""
+        ports: set[int] = set()
+        while len(ports) < count:  # distinct, though none is bound until its process starts
+            ports.add(free_port())
+        started = [self._spawn_gateway(port, options, env) for port in ports]
+        self.replica_procs += [proc for _, proc in started]
+        for url, proc in started:
+            wait_for_http(url + "/readyz", proc)
+        self.replicas += [url for url, _ in started]
+        return [url for url, _ in started]
+
+    def _spawn_gateway(
+        self, port: int, options: tuple[str, ...], env: dict[str, str]
+    ) -> tuple[str, subprocess.Popen[bytes]]:
         environment = {
             "TOLLGATE_REDIS__URL": self.redis_url,
             "TOLLGATE_POOLS__BF16__WORKERS": ",".join(self.workers),
@@ -64,13 +85,14 @@ class Stack:
             **FAST_CHECKS,
             **env,
         }
-        self.gateway_proc = start_tollgate(["serve", "--port", str(port), *options], environment, log=self.log)
-        self.gateway = f"http://127.0.0.1:{port}"
-        wait_for_http(self.gateway + "/readyz", self.gateway_proc)
+        proc = start_tollgate(["serve", "--port", str(port), *options], environment, log=self.log)
+        return f"http://127.0.0.1:{port}", proc
 
     def close(self) -> None:
         if self.gateway_proc is not None:
             stop(self.gateway_proc)
+        for proc in self.replica_procs:
+            stop(proc)
         for proc in self.worker_procs.values():
             stop(proc)
         stop(self.redis)
