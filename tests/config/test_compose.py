@@ -1,10 +1,13 @@
-"""docker-compose.yml as the files it wires together see it (no Docker engine needed): the gateway's environment is
-a valid Tollgate configuration whose pools are the compose workers, Prometheus scrapes the services by the names
-and ports compose gives them, and Grafana gets the provisioning and the dashboard the Helm chart ships."""
+"""docker-compose.yml, without a Docker engine: it is valid against the Compose Specification's schema (as vendored by
+``check-jsonschema``), the gateway's environment is a valid Tollgate configuration whose pools are the compose
+workers, Prometheus scrapes the services by the names and ports compose gives them, and Grafana gets the
+provisioning and the dashboard the Helm chart ships."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,23 @@ def bind_mounts(service: str) -> dict[str, Path]:
         if source.startswith("./"):
             mounts[target] = REPO_ROOT / source
     return mounts
+
+
+def check_compose_spec(path: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_compose_file_is_valid_against_the_compose_specification(tmp_path: Path) -> None:
+    checked = check_compose_spec(REPO_ROOT / "docker-compose.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The check can fail: a misspelt key and a depends_on condition compose does not know.
+    text = (REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace("stop_grace_period:", "stop_grace_periode:"), encoding="utf-8")
+    assert "'stop_grace_periode' was unexpected" in check_compose_spec(broken).stdout
+    broken.write_text(text.replace("service_healthy", "service_ready"), encoding="utf-8")
+    assert check_compose_spec(broken).returncode == 1
 
 
 def test_the_gateway_environment_is_a_valid_configuration_over_the_compose_workers() -> None:
@@ -85,3 +105,11 @@ def test_the_tollgate_services_share_one_image_built_from_the_dockerfile() -> No
     assert all(SERVICES[name]["build"] == "." for name in tollgate)
     dockerfile = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert "USER tollgate" in dockerfile and "HEALTHCHECK" in dockerfile and "EXPOSE 8080" in dockerfile
+
+
+def test_the_gateway_gets_time_to_drain_before_compose_kills_it() -> None:
+    settings = load_settings(REPO_ROOT / "config" / "tollgate.yaml", {})
+    grace = SERVICES["gateway"]["stop_grace_period"]
+    assert grace.endswith("s")
+    # tollgate serve gives uvicorn the drain, the hang-up drain and 5 s (gateway/cli.py); compose must wait longer.
+    assert int(grace[:-1]) > settings.server.drain_seconds + settings.upstream.hang_up_drain_seconds + 5
