@@ -64,9 +64,10 @@ def test_the_gateway_environment_is_a_valid_configuration_over_the_compose_worke
     assert set(SERVICES["gateway"]["depends_on"]) == {"redis", *workers}
 
 
-def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
+def test_redis_keeps_every_acknowledged_bill_on_a_volume_and_never_evicts() -> None:
     redis = SERVICES["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    options = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    assert options == {"--appendonly": "yes", "--appendfsync": "always", "--maxmemory-policy": "noeviction"}
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
 
 
