@@ -39,7 +39,7 @@ from billing.reports import (
     parse_time,
     usage_report,
 )
-from billing.spool import BillOutcome, DurableLedger, Spool
+from billing.spool import BillOutcome, DurableLedger, Spool, check_writable
 from billing.tokens import (
     ChatTemplateError,
     Tokenizer,
@@ -86,6 +86,7 @@ __all__ = [
     "UsageReport",
     "check_scopes",
     "check_tenant",
+    "check_writable",
     "cost_nano_usd",
     "count_chat_prompt_tokens",
     "count_raw_prompt_tokens",

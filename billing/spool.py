@@ -5,10 +5,13 @@ A bill is never dropped (RELIABILITY §4.3). When the ledger script fails after 
 done. A background task replays the spool through the same script, under the same request id, so a record that had
 in fact reached Redis (a timeout after the write) counts once; the file is deleted only after every line is in.
 
-Several processes may share one spool directory (uvicorn workers, or a pod restarted on the same volume). Each
-writes its own files, named after its pid and start time, and holds an exclusive ``flock`` on the file it appends
-to; a replayer takes the same lock without waiting, so it replays only files nobody is writing, a dead process's
-files included. Before replaying, a process moves on to a new file so its own records can be replayed too.
+Several processes may share one spool directory (uvicorn workers, a pod restarted on the same volume, or the
+replicas of a Deployment on one shared volume). Each writes its own files, named after its host, pid and start
+time, and holds an exclusive ``flock`` on the file it appends to; a replayer takes the same lock without waiting, so
+it replays only files nobody is writing, a dead process's files included. Before replaying, a process moves on to a
+new file so its own records can be replayed too. A replayer opens a file for writing to lock it: NFS turns ``flock``
+into a lock of the whole file, which it grants only on a file open for writing. (A shared volume must therefore
+lock across its clients, as NFSv4 does unless mounted with ``local_lock``.)
 
 A record the ledger script itself refuses (impossible numbers: a bug, not an outage) is never retried: it is set
 aside in a ``.rejected`` file beside the spool, and logged, so the bills after it are not held back.
@@ -26,6 +29,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +47,17 @@ logger = logging.getLogger(__name__)
 SUFFIX: Final = ".jsonl"
 REJECTED_SUFFIX: Final = ".rejected"  # records the ledger script refuses: kept for an operator, never replayed
 BillOutcome = Literal["billed", "duplicate", "spooled", "refused"]
+# This process's part of a spool file's name: pids repeat across the pods that share a volume, host names do not.
+_OWNER: Final = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and write a file there, or raise :class:`OSError`: a spool that cannot be
+    written would only be found out during a Redis outage, when the bills it should hold are lost."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".probe-{_OWNER}-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 class Spool:
@@ -89,7 +105,7 @@ class Spool:
         """Lock ``path`` without waiting and yield its records; ``None`` if another process holds it. The caller
         calls :meth:`done` while the claim is held once every record is in the ledger."""
         try:
-            file = path.open("rb")
+            file = path.open("r+b")  # NFS grants an exclusive lock only on a file open for writing
         except FileNotFoundError:  # replayed and deleted meanwhile
             yield None
             return
@@ -108,14 +124,14 @@ class Spool:
     def reject(self, record: UsageRecord, reason: str) -> None:
         """Set aside a record the ledger refuses (a bug, not an outage): kept for an operator, never replayed."""
         line = json.dumps({"reason": reason, "record": dataclasses.asdict(record)}, separators=(",", ":")) + "\n"
-        with self._lock, (self.directory / f"spool-{os.getpid()}{REJECTED_SUFFIX}").open("a") as file:
+        with self._lock, (self.directory / f"spool-{_OWNER}-{os.getpid()}{REJECTED_SUFFIX}").open("a") as file:
             file.write(line)
             file.flush()
             os.fsync(file.fileno())
 
     def _open_new(self) -> IO[bytes]:
         self._serial += 1
-        name = f"spool-{os.getpid()}-{time.time_ns()}-{self._serial}"
+        name = f"spool-{_OWNER}-{os.getpid()}-{time.time_ns()}-{self._serial}"
         # Locked before it gets the name replayers look for: none can claim (and delete) it in between.
         file = (self.directory / (name + ".tmp")).open("ab")
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)

@@ -35,6 +35,7 @@ from billing import (
     Ledger,
     ReportQueryError,
     check_tenant,
+    check_writable,
     format_usd,
     month_of,
     parse_key_id,
@@ -45,6 +46,7 @@ from billing import (
 )
 from config import Settings, SettingsError, load_settings
 from gateway.deps import build_redis
+from gateway.lifecycle import shutdown_seconds
 from gateway.logs import logging_config
 from gateway.sim import cli as sim_cli
 
@@ -177,9 +179,11 @@ def _apply_config_option(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     _apply_config_option(args)
     settings = load_settings()  # fail fast, with the key named, before uvicorn starts
+    try:
+        check_writable(Path(settings.ledger.spool_dir))
+    except OSError as exc:
+        raise SettingsError(f"ledger.spool_dir: cannot write to {settings.ledger.spool_dir}: {exc}") from exc
     workers = args.workers or settings.server.workers
-    # uvicorn's grace period outlasts the drain (gateway/lifecycle.py), so it never cuts a request itself.
-    grace = settings.server.drain_seconds + settings.upstream.hang_up_drain_seconds + 5
     with _metrics_directory(workers):
         uvicorn.run(
             "gateway.app:create_app_from_environment",
@@ -191,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             http="httptools",
             access_log=False,  # the gateway writes its own (gateway/logs.py)
             log_config=logging_config(settings.logging),
-            timeout_graceful_shutdown=math.ceil(grace),
+            timeout_graceful_shutdown=math.ceil(shutdown_seconds(settings)),
         )
     return 0
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import FrameType
 from typing import Any, Protocol
 
-from config import PoolSettings, SettingsError
+from config import PoolSettings, Settings, SettingsError
 from gateway.route import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,13 @@ class Drain:
             logger.warning("drain deadline: ending %d requests", len(self._running))
         for request in list(self._running):
             request.cut()
+
+
+def shutdown_seconds(settings: Settings) -> float:
+    """The longest a process takes to stop cleanly after SIGTERM: the drain, the hang-up drain of the streams it
+    ended, and 5 s for the bills and the spool. uvicorn's grace period is set to this, so it never cuts a request the
+    drain could end cleanly; a supervisor must wait at least this long (plus any pause before SIGTERM)."""
+    return settings.server.drain_seconds + settings.upstream.hang_up_drain_seconds + 5
 
 
 def begin_shutdown() -> None:

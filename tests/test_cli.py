@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -139,3 +140,12 @@ def test_cli_serve_with_a_missing_metrics_directory_says_so() -> None:
     result = subprocess.run([*TOLLGATE, "serve", "--workers", "2"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "PROMETHEUS_MULTIPROC_DIR=/nonexistent/tollgate-metrics: not a writable directory" in result.stderr
+
+
+def test_cli_serve_with_a_spool_it_cannot_write_says_so(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "TOLLGATE_LEDGER__SPOOL_DIR": str(blocker / "spool")}  # under a file: never a directory
+    result = subprocess.run([*TOLLGATE, "serve"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"ledger.spool_dir: cannot write to {blocker / 'spool'}" in result.stderr

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def test_spool_append_writes_one_fsynced_json_line_per_record(tmp_path: Path, mo
         spool.append(record)
     assert len(synced) == 2  # one fsync per bill, before append returns
     [path] = spool.files()
-    assert path.name.startswith(f"spool-{os.getpid()}-") and path.suffix == ".jsonl"
+    # Named after this host and pid: pods sharing one volume repeat pids, not host names.
+    assert path.name.startswith(f"spool-{socket.gethostname()}-{os.getpid()}-") and path.suffix == ".jsonl"
     data = path.read_bytes()  # readable while this process still holds the file: flushed
     assert data.endswith(b"\n") and data.count(b"\n") == 2
     assert [json.loads(line) for line in data.splitlines()] == [dataclasses.asdict(record) for record in records]
