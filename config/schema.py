@@ -25,8 +25,11 @@ from typing import Any, Final, Literal
 
 from config.settings import POSITIVE_SETTINGS, SHORTHAND, TOKEN_MIN_CHARS, Settings
 
+# Helm reads numbers in values as 64-bit floats: integers past this would change on their way to the pods.
+_LARGEST_EXACT_INTEGER: Final = 2**53 - 1
 # Constraints on one key that its type does not carry; the loader checks the same.
 _EXTRA: Final[Mapping[str, Mapping[str, Any]]] = {
+    "server.port": {"maximum": 65535},
     "admin.token": {"anyOf": [{"const": ""}, {"minLength": TOKEN_MIN_CHARS}]},
     "metrics.token": {"anyOf": [{"const": ""}, {"minLength": TOKEN_MIN_CHARS}]},
     "pools.*.workers[].url": {"pattern": "^https?://"},
@@ -83,7 +86,9 @@ def _typed(hint: Any, path: str) -> dict[str, Any]:
         return {"type": "string"}
     if hint in (int, float):
         bound = {"exclusiveMinimum": 0} if path in POSITIVE_SETTINGS else {"minimum": 0}
-        return {"type": "integer" if hint is int else "number", **bound}
+        if hint is float:
+            return {"type": "number", **bound}
+        return {"type": "integer", **bound, "maximum": _LARGEST_EXACT_INTEGER}
     raise TypeError(f"{path}: no JSON Schema for {hint!r}")  # a new kind of setting: teach it here
 
 

@@ -371,6 +371,8 @@ def _check(settings: Settings) -> None:
     for key, token in (("admin.token", settings.admin.token), ("metrics.token", settings.metrics.token)):
         if token and len(token) < TOKEN_MIN_CHARS:
             raise SettingsError(f"{key}: use at least {TOKEN_MIN_CHARS} random characters (or leave it empty)")
+    if settings.server.port > 65535:
+        raise SettingsError("server.port: must be at most 65535")
     if not settings.models:
         raise SettingsError("models: at least one model must be configured")
     if settings.routing.max_eject_seconds < settings.routing.eject_seconds:

@@ -20,13 +20,14 @@ import yaml
 
 from config import DEFAULT_CONFIG_PATH, Settings, load_settings
 from config.schema import settings_schema
+from gateway.lifecycle import shutdown_seconds
 from tests.grafana import REPO_ROOT, load_dashboard
 
 CHART_DIR = REPO_ROOT / "helm" / "tollgate"
 PRODUCTION_VALUES = yaml.safe_load((CHART_DIR / "ci" / "production-values.yaml").read_text(encoding="utf-8"))
 VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest kubernetes-validate knows.
-KUBERNETES_VERSIONS = ("1.25.0", kubernetes_validate.utils.latest_version())
+KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())
 # Custom resources: their schemas come with their operators, not with Kubernetes; checked field by field below.
 CUSTOM_KINDS = frozenset({"ServiceMonitor"})
 # The only `config` values where the chart departs from config/tollgate.yaml, because a pod needs it.
@@ -80,14 +81,17 @@ class Release:
         """The container's environment: the image's own, then the Deployment's, with Secret references resolved from
         the chart's Secret or from ``secret`` (standing in for an existing one)."""
         environment = dockerfile_env()
+        secret_name = self.values.get("existingSecret")
         if secret is None:
             data = self.get("Secret")["data"]
             secret = {key: base64.b64decode(value).decode() for key, value in data.items()}
+            secret_name = self.get("Secret")["metadata"]["name"]
         for entry in self.container["env"]:
             if "value" in entry:
                 environment[entry["name"]] = entry["value"]
                 continue
             reference = entry["valueFrom"]["secretKeyRef"]
+            assert reference["name"] == secret_name, entry
             if reference["key"] in secret:
                 environment[entry["name"]] = secret[reference["key"]]
             else:
@@ -223,14 +227,18 @@ def test_values_are_checked_by_the_settings_names_and_ranges() -> None:
             Release(values)
 
 
-def test_the_grace_period_outlasts_the_drain(default: Release) -> None:
-    config = VALUES["config"]
-    drain = config["server"]["drain_seconds"] + config["upstream"]["hang_up_drain_seconds"]
-    pause = VALUES["preStopSleepSeconds"]
-    assert default.pod["spec"]["terminationGracePeriodSeconds"] == pause + drain + 10
-    assert default.container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(pause)]
+def test_the_grace_period_outlasts_the_drain(default: Release, tmp_path: Path) -> None:
+    def stop_seconds(release: Release) -> float:
+        """The pause before SIGTERM, then what the gateway itself takes to stop (uvicorn's grace period)."""
+        pause = float(release.container["lifecycle"]["preStop"]["exec"]["command"][1])
+        return pause + shutdown_seconds(release.settings(tmp_path))
+
+    assert default.container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert default.pod["spec"]["terminationGracePeriodSeconds"] == 47
     longer = Release({"config": {"server": {"drain_seconds": 120.5}}, "preStopSleepSeconds": 3})
     assert longer.pod["spec"]["terminationGracePeriodSeconds"] == 136  # ceil(3 + 120.5 + 2 + 10)
+    for release in (default, longer):  # 5 s to spare past the gateway's own deadline
+        assert release.pod["spec"]["terminationGracePeriodSeconds"] >= stop_seconds(release) + 5
     assert Release({"terminationGracePeriodSeconds": 300}).pod["spec"]["terminationGracePeriodSeconds"] == 300
     with pytest.raises(_helm().HelmRenderError, match="terminationGracePeriodSeconds \\(30\\) must be at least 47"):
         Release({"terminationGracePeriodSeconds": 30})
@@ -239,7 +247,7 @@ def test_the_grace_period_outlasts_the_drain(default: Release) -> None:
 def test_probes_use_the_gateways_health_routes(default: Release) -> None:
     from gateway.app import create_app  # the routes, not a copy of their paths
 
-    paths = {route.path for route in create_app(load_settings()).routes}
+    paths = {route.path for route in create_app(load_settings(DEFAULT_CONFIG_PATH, {})).routes}
     container = default.container
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -256,6 +264,10 @@ def test_pool_edits_reach_running_pods_and_other_edits_roll_them() -> None:
     limits = checksums({"config": {"limits": {"default": {"requests_per_minute": 60}}}})
     token = checksums({"config": {"admin": {"token": "z" * 32}}})
     assert pools == base  # the kubelet updates the mounted file; the pods re-read their pools
+    no_reloads = {"routing": {"reload_interval_seconds": 0}}
+    assert checksums({"config": {**no_reloads, "pools": {"bf16": {"workers": ["http://vllm-bf16-new:8000"]}}}}) != (
+        checksums({"config": no_reloads})
+    )  # pods that never re-read their pools are rolled instead
     assert limits["checksum/config"] != base["checksum/config"] and limits["checksum/secret"] == base["checksum/secret"]
     assert token["checksum/secret"] != base["checksum/secret"] and token["checksum/config"] == base["checksum/config"]
     mount = next(m for m in Release().container["volumeMounts"] if m["name"] == "config")
@@ -292,6 +304,7 @@ def test_autoscaling_owns_the_replica_count_and_the_budget_keeps_all_but_one(def
     assert fixed.get("Deployment")["spec"]["replicas"] == 4 and "HorizontalPodAutoscaler" not in fixed.kinds()
     pdb = default.get("PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == 1
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # pods unready for want of workers do not block drains
     assert _selects(pdb["selector"]["matchLabels"], default.pod["metadata"]["labels"])
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
@@ -398,3 +411,43 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 
 def _egress_ports(policy: Mapping[str, Any]) -> set[tuple[int, str]]:
     return {(int(port["port"]), port["protocol"]) for rule in policy["egress"] for port in rule["ports"]}
+
+
+def test_values_that_would_deploy_something_else_than_they_say_are_refused() -> None:
+    render_error = _helm().HelmRenderError
+    cases = {
+        "set TOLLGATE_ROUTING__RETRIES under config": {
+            "extraEnv": [{"name": "TOLLGATE_ROUTING__RETRIES", "value": "9"}]
+        },
+        "put the admin and metrics tokens in that Secret": {
+            "existingSecret": "mine",
+            "config": {"admin": {"token": "k" * 32}},
+        },
+        "give a CPU or memory target or metrics": {"autoscaling": {"targetCPUUtilizationPercentage": None}},
+    }
+    for message, values in cases.items():
+        with pytest.raises(render_error, match=message):
+            Release(values)
+    # An integer past what Helm's float64 values keep exactly is refused before it can change on its way.
+    with pytest.raises(_helm().HelmValuesError, match="/config/budgets/default_monthly_nano_usd"):
+        Release({"config": {"budgets": {"default_monthly_nano_usd": 2**53 + 2}}})
+
+
+def test_a_recreate_strategy_carries_no_rolling_update_and_files_can_be_mounted() -> None:
+    release = Release(
+        {
+            "strategy": {"type": "Recreate"},
+            "extraVolumes": [{"name": "templates", "configMap": {"name": "chat-templates"}}],
+            "extraVolumeMounts": [{"name": "templates", "mountPath": "/etc/templates", "readOnly": True}],
+            "tmpSizeLimit": "1Gi",
+        }
+    )
+    assert release.get("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    volumes = {volume["name"]: volume for volume in release.pod["spec"]["volumes"]}
+    assert (
+        volumes["templates"]["configMap"] == {"name": "chat-templates"}
+        and volumes["tmp"]["emptyDir"]["sizeLimit"] == "1Gi"
+    )
+    assert {"name": "templates", "mountPath": "/etc/templates", "readOnly": True} in release.container["volumeMounts"]
+    for manifest in release.manifests:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)

@@ -55,6 +55,7 @@ def test_settings_are_frozen() -> None:
     [
         ({"TOLLGATE_SERVER__PORT": "eighty"}, "server.port: expected int"),
         ({"TOLLGATE_SERVER__PORT": "0"}, "server.port: must be greater than 0"),
+        ({"TOLLGATE_SERVER__PORT": "65536"}, "server.port: must be at most 65535"),
         ({"TOLLGATE_SERVER__PROT": "80"}, "server.prot: unknown key"),
         ({"TOLLGATE_REDIS__SOCKET_TIMEOUT_SECONDS": "-1"}, "redis.socket_timeout_seconds: must be a finite, non-neg"),
         ({"TOLLGATE_SERVER__DRAIN_SECONDS": "inf"}, "server.drain_seconds: must be a finite, non-negative"),

@@ -91,18 +91,21 @@ Whether the pods have a metrics token (and Prometheus must send it).
 {{- end }}
 
 {{/*
-What rolls the pods when it changes: the config file without its pools (the pods re-read those while running).
+What rolls the pods when it changes: the config file, without its pools while the pods re-read those themselves
+(routing.reload_interval_seconds > 0).
 */}}
 {{- define "tollgate.configChecksum" -}}
 {{- $config := include "tollgate.configFile" . | fromYaml }}
+{{- if gt (float64 .Values.config.routing.reload_interval_seconds) 0.0 }}
 {{- $_ := unset $config "pools" }}
+{{- end }}
 {{- toYaml $config | sha256sum }}
 {{- end }}
 
 {{/*
-The longest a pod may take to stop cleanly: the preStop pause, the drain, the hang-up drain and 10 s for uvicorn
-(which waits 5 s past the two drains, gateway/cli.py) and the spool's last write. A shorter grace period set in
-the values is refused: the kubelet would kill streams before they are billed.
+The longest a pod may take to stop cleanly: the preStop pause, then the process's own shutdown (the drain, the
+hang-up drain and 5 s: gateway/lifecycle.py shutdown_seconds), and 5 s more. A shorter grace period set in the
+values is refused: the kubelet would kill streams before they are billed.
 */}}
 {{- define "tollgate.terminationGracePeriodSeconds" -}}
 {{- $drain := addf .Values.config.server.drain_seconds .Values.config.upstream.hang_up_drain_seconds }}
