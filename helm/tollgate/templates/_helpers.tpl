@@ -62,7 +62,7 @@ The service account the pods run as.
 {{- end }}
 
 {{/*
-The Secret holding redis-url and admin-token: the user's own, or the one this chart makes.
+The Secret holding redis-url, admin-token and metrics-token: the user's own, or the one this chart makes.
 */}}
 {{- define "tollgate.secretName" -}}
 {{- default (include "tollgate.fullname" .) .Values.existingSecret }}
