@@ -37,7 +37,6 @@ from billing import (
     Limiter,
     Limits,
     Price,
-    Retention,
     UsageRecord,
     cost_nano_usd,
     price_of,
@@ -45,6 +44,7 @@ from billing import (
 from billing.budgets import month_bounds
 from config import Settings, load_settings
 from gateway._processes import redis_server
+from gateway.deps import retention_for
 
 MODELS: Final = ("@cf/meta/llama-3.1-8b-instruct", "@cf/meta/llama-3.1-8b-instruct-fp8")
 # 56 characters: "<model>|completion_tokens" passes hash-max-listpack-value (64 bytes): its buckets are hash tables.
@@ -242,7 +242,7 @@ class Bench:
         self.settings = settings
         self.args = args
         self.rng = random.Random(20241204)
-        self.ledger = Ledger(redis, _retention(settings))
+        self.ledger = Ledger(redis, retention_for(settings))
         self.limiter = Limiter(redis, slot_ttl_seconds=settings.limits.slot_ttl_seconds)
         self.results: dict[str, Result] = {}
         self.verbose = True
@@ -493,7 +493,7 @@ def report(figures: dict[str, Any], settings: Settings, args: argparse.Namespace
     print("\n## Rule of thumb (bytes of used_memory; the key tables apart)\n")
     print(
         f"memory ≈ {request:,.0f} B x requests billed in the last {days:g} days (dedup id + usage event)\n"
-        f"       + {stream_floor:,.0f} B x tenants with an event stream (its open node; the stream has no TTL)\n"
+        f"       + {stream_floor:,.0f} B x tenants with an event stream in the last {days:g} days (its open node)\n"
         f"       + ({bucket_base:,.0f} + {per_model:,.0f} x models used) B x tenant-hours with usage in the last "
         f"{hours / 24:g} days\n"
         f"       + the same x tenant-days with usage in the last {daily:,.0f} days\n"
@@ -579,16 +579,6 @@ def _bucket_keys(result: Result) -> int:
 
 def _class_bytes(result: Result, name: str) -> float:
     return next(row["bytes_per_key"] for row in result.breakdown if row["class"] == name)
-
-
-def _retention(settings: Settings) -> Retention:
-    config = settings.ledger
-    return Retention(
-        seen_seconds=config.seen_ttl_seconds,
-        events_seconds=config.events_retention_seconds,
-        hourly_seconds=config.hourly_retention_seconds,
-        daily_seconds=config.daily_retention_seconds,
-    )
 
 
 def _tenant(index: int) -> str:

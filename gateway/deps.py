@@ -165,7 +165,7 @@ def build_dependencies(
     port (``PROMETHEUS_MULTIPROC_DIR``, which must then have been set before prometheus-client was imported)."""
     redis = build_redis(settings)
     keys = KeyStore(redis, clock=clock)
-    ledger = Ledger(redis, _retention(settings))
+    ledger = Ledger(redis, retention_for(settings))
     if tokenizer is None:
         path = settings.tokenizer.path
         tokenizer = Tokenizer.from_file(Path(path)) if path else Tokenizer.default()
@@ -233,7 +233,8 @@ def _warn_if_connections_run_short(settings: Settings) -> None:
         )
 
 
-def _retention(settings: Settings) -> Retention:
+def retention_for(settings: Settings) -> Retention:
+    """The ledger's retention, as the ``ledger:`` settings give it."""
     config = settings.ledger
     return Retention(
         seen_seconds=config.seen_ttl_seconds,
